@@ -1,0 +1,1134 @@
+"""Fine-tune Qwen vision-language models on multiple-choice VQA, one notebook section at a time.
+
+This module is the engine behind `Kaggle_Qwen_VQA_AllInOne.ipynb`; its sections follow the notebook's order:
+
+    1. Setup          environment report, seeds, finding the data
+    2. Config         one dataclass, memory-level presets
+    3. Data           loading and validating the competition files
+    4. EDA            plots of answers, task types, question lengths, image sizes
+    5. Folds          stratified K-fold
+    6. Dataset        chat prompts, answer-only labels, batching
+    7. Model          4-bit load across GPUs, LoRA, tiny offline models for tests and the smoke profile
+    8. Training       AMP, gradient accumulation, checkpoint/resume, OOM back-off
+    9. Inference      one forward pass per batch scoring the letters a/b/c/d
+   10. Ensemble       majority vote, soft vote, validated submissions
+
+Attach it to a Kaggle notebook as a utility script, or keep it next to the notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+LETTERS = ("a", "b", "c", "d")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Setup
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def environment_report() -> pd.DataFrame:
+    """Library versions and every visible GPU (name, memory, bf16), as a table for the notebook."""
+    import importlib.metadata as md
+
+    rows = [{"item": "python", "value": sys.version.split()[0]}]
+    for package in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            rows.append({"item": package, "value": md.version(package)})
+        except md.PackageNotFoundError:
+            rows.append({"item": package, "value": "not installed"})
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            bf16 = props.major >= 8  # Ampere and newer; a T4 (sm_75) has no bf16
+            value = f"{props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}, bf16={bf16}"
+            rows.append({"item": f"cuda:{i}", "value": value})
+    else:
+        rows.append({"item": "gpu", "value": "none (CPU only)"})
+    return pd.DataFrame(rows)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so that a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The folder holding train.csv: the explicit one, else Kaggle's inputs, else Colab's /content, else ./data."""
+    if explicit:
+        path = Path(explicit)
+        if not (path / "train.csv").exists():
+            raise ValueError(f"DATA_DIR {path} holds no train.csv")
+        return path
+    for pattern in ("/kaggle/input/*/train.csv", "/kaggle/input/*/*/train.csv", "/content/*/train.csv"):
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return Path(hits[0]).parent
+    for path in (Path("/content"), Path("data"), Path(__file__).resolve().parent / "data"):
+        if (path / "train.csv").exists():
+            return path
+    raise ValueError("no train.csv found in /kaggle/input, /content or ./data: set DATA_DIR in the Config cell")
+
+
+def find_local_model(model_id: str, roots: tuple[str, ...] = ("/kaggle/input",)) -> str:
+    """A Kaggle Models copy of `model_id` if one is attached (a folder with config.json named like it), else the id.
+
+    Kaggle mounts models under /kaggle/input/<model>/transformers/<variation>/<version> or
+    /kaggle/input/models/<owner>/<model>/...; matching on the model's name keeps the Config cell the same everywhere.
+    """
+    if Path(model_id).exists():
+        return model_id
+    name = model_id.split("/")[-1].lower()
+    for root in roots:
+        for config in sorted(glob.glob(f"{root}/**/config.json", recursive=True)):
+            if name in config.lower():
+                return str(Path(config).parent)
+    return model_id
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Memory levels for Kaggle's T4 x2 (15 GiB each). Higher levels see more image detail and train faster but need
+# more memory: if a run dies with out-of-memory, step one level down. `max_memory_gib` caps the weights placed on
+# each GPU by device_map="auto"; what it leaves free holds activations.
+MEMORY_LEVELS = {
+    "safe": dict(image_size=384, lora_r=8, batch_size=1, grad_accum=16, max_memory_gib=9.0),
+    "balanced": dict(image_size=448, lora_r=12, batch_size=1, grad_accum=12, max_memory_gib=11.0),
+    "high": dict(image_size=512, lora_r=16, batch_size=2, grad_accum=8, max_memory_gib=12.5),
+}
+NEXT_LOWER_LEVEL = {"high": "balanced", "balanced": "safe", "safe": "a smaller model"}
+
+# The smoke profile: a tiny random Qwen3-VL built offline, trained on CPU on the sample data in a few minutes.
+SMOKE_PROFILE = dict(
+    image_size=64,
+    lora_r=16,
+    batch_size=8,
+    grad_accum=2,
+    max_memory_gib=0.0,
+    model_id="tiny:qwen3_vl",
+    n_folds=2,
+    epochs=12,
+    lr=2e-3,
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    eval_batch_size=32,
+    num_workers=0,
+    save_every_steps=20,
+)
+
+
+@dataclass
+class Config:
+    """Everything a run depends on. Fields left as None are filled from the profile's preset."""
+
+    profile: str = "safe"  # "safe" | "balanced" | "high" (MEMORY_LEVELS) or "smoke" (tiny model, CPU)
+    model_id: str | None = "Qwen/Qwen3-VL-8B-Instruct"  # Hub id or local folder; "tiny:<arch>" builds a tiny one
+    data_dir: str | None = None  # None: search Kaggle inputs, Colab, ./data
+    output_dir: str = "outputs"
+    zero_shot: bool = False  # skip training and predict with the base model
+
+    # Memory level (from MEMORY_LEVELS unless set here)
+    image_size: int | None = None  # longest image side in pixels; vision tokens grow with its square
+    lora_r: int | None = None  # adapter rank: capacity vs. memory and time
+    batch_size: int | None = None  # micro-batch per forward pass; halves itself on out-of-memory
+    grad_accum: int | None = None  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    max_memory_gib: float | None = None  # weights per GPU for device_map="auto"; the rest holds activations
+
+    # Folds
+    n_folds: int = 5
+    train_folds: tuple[int, ...] | None = None  # None: all folds; e.g. (0, 1) to fit a session's time
+    seed: int = 42
+
+    # Optimisation
+    epochs: int = 2
+    lr: float = 1e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_alpha: int | None = None  # None: 2 * lora_r
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # language model only
+    shuffle_options: bool = False  # permute the options of each training sample and remap its answer
+
+    # Runtime
+    eval_batch_size: int = 8
+    num_workers: int = 2  # DataLoader workers running the processor in parallel with the GPU
+    save_every_steps: int = 50  # optimizer steps between resumable checkpoints
+    max_bad_steps: int = 8  # consecutive non-finite losses before a fold is stopped
+
+    def __post_init__(self):
+        preset = SMOKE_PROFILE if self.profile == "smoke" else MEMORY_LEVELS.get(self.profile, {})
+        for name, value in preset.items():
+            current = getattr(self, name)
+            default = Config.__dataclass_fields__[name].default
+            # A preset value fills a field the user left at its default; an explicit value wins.
+            if current is None or (self.profile == "smoke" and current == default):
+                setattr(self, name, value)
+        if self.lora_alpha is None and self.lora_r is not None:
+            self.lora_alpha = 2 * self.lora_r
+        self.validate()
+
+    def validate(self) -> None:
+        """Collect every problem and raise one error, so a user fixes the Config cell in one go."""
+        problems = []
+        if self.profile not in (*MEMORY_LEVELS, "smoke"):
+            problems.append(f"profile {self.profile!r} is not one of {[*MEMORY_LEVELS, 'smoke']}")
+        if not self.model_id:
+            problems.append("model_id is empty")
+        if self.n_folds < 2:
+            problems.append(f"n_folds must be at least 2, got {self.n_folds}")
+        if self.train_folds is not None and not set(self.train_folds) <= set(range(self.n_folds)):
+            problems.append(f"train_folds {self.train_folds} must be within 0..{self.n_folds - 1}")
+        for name in ("image_size", "lora_r", "batch_size", "grad_accum", "epochs", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be positive, got {value}")
+        if self.image_size is not None and self.image_size < 32:
+            problems.append(f"image_size must be at least 32 pixels, got {self.image_size}")
+        if not 0 < self.lr < 1:
+            problems.append(f"lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if problems:
+            raise ValueError("invalid Config:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def folds_to_train(self) -> list[int]:
+        return list(self.train_folds) if self.train_folds is not None else list(range(self.n_folds))
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.out / f"fold{fold}"
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), json.dumps(dataclasses.asdict(self), indent=2))
+
+
+def resolve_profile(profile: str | None) -> str:
+    """'auto' (or None) picks the smoke profile without a GPU and the safe memory level with one."""
+    if profile in (None, "", "auto"):
+        return "safe" if torch.cuda.is_available() else "smoke"
+    return profile
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+TEST_COLUMNS = ("id", "path", "question", *LETTERS)
+TRAIN_COLUMNS = (*TEST_COLUMNS, "answer")
+
+
+def _preview(items, limit: int = 5) -> str:
+    """'[x, y, z] (12 in all)': enough to find the culprits without flooding the notebook."""
+    items = list(items)
+    shown = ", ".join(repr(i) for i in items[:limit])
+    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def read_table(path: Path, required: tuple[str, ...]) -> tuple[pd.DataFrame, list[str]]:
+    """Read a competition CSV as text (ids stay strings, a UTF-8 BOM is dropped) and list its problems."""
+    if not path.exists():
+        return pd.DataFrame(), [f"{path}: file not found"]
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    df.columns = [c.strip().lower() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        return df, [f"{path}: missing columns {missing} (found {list(df.columns)})"]
+    problems = []
+    for column in required:
+        df[column] = df[column].str.strip()
+        empty = df.loc[df[column] == "", "id"].tolist() if column != "id" else df.index[df["id"] == ""].tolist()
+        if empty:
+            problems.append(f"{path}: empty {column!r} in rows with id {_preview(empty)}")
+    duplicated = df.loc[df["id"].duplicated(keep=False), "id"].unique().tolist()
+    if duplicated:
+        problems.append(f"{path}: duplicate ids {_preview(duplicated)}")
+    return df, problems
+
+
+def resolve_image_paths(df: pd.DataFrame, data_dir: Path, split: str, csv: Path) -> tuple[pd.Series, list[str]]:
+    """Absolute image paths: relative to the data dir, to its split folder (train/, test/), or absolute.
+
+    Every image is opened and verified: a missing or broken image is an error, never replaced by a blank one.
+    """
+    resolved, missing, broken = [], [], []
+    for row_id, raw in zip(df["id"], df["path"], strict=True):
+        candidates = [data_dir / raw, data_dir / split / raw, data_dir / split / Path(raw).name, Path(raw)]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            missing.append(f"{row_id}: {raw}")
+            resolved.append("")
+            continue
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception:
+            broken.append(f"{row_id}: {raw}")
+        resolved.append(str(path.resolve()))
+    problems = []
+    if missing:
+        problems.append(f"{csv}: images not found (id: path) {_preview(missing)}")
+    if broken:
+        problems.append(f"{csv}: images unreadable (id: path) {_preview(broken)}")
+    return pd.Series(resolved, index=df.index), problems
+
+
+def load_competition_data(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, test, sample_submission), validated up front; one ValueError lists every problem found."""
+    data_dir = Path(data_dir)
+    train, problems = read_table(data_dir / "train.csv", TRAIN_COLUMNS)
+    test, test_problems = read_table(data_dir / "test.csv", TEST_COLUMNS)
+    sample, sample_problems = read_table(data_dir / "sample_submission.csv", ("id", "answer"))
+    problems += test_problems + sample_problems
+
+    if not any("missing columns" in p or "not found" in p for p in problems):
+        train["answer"] = train["answer"].str.lower().str.replace(r"\s+", "", regex=True)
+        bad = train.loc[~train["answer"].isin(LETTERS)]
+        if len(bad):
+            culprits = [f"{i}: {a!r}" for i, a in zip(bad["id"], bad["answer"], strict=True)]
+            problems.append(f"{data_dir / 'train.csv'}: answers not in a-d (id: answer) {_preview(culprits)}")
+        for df, split in ((train, "train"), (test, "test")):
+            df["image_path"], image_problems = resolve_image_paths(df, data_dir, split, data_dir / f"{split}.csv")
+            problems += image_problems
+        only_test = sorted(set(test["id"]) - set(sample["id"]))
+        only_sample = sorted(set(sample["id"]) - set(test["id"]))
+        if only_test or only_sample:
+            problems.append(
+                f"{data_dir / 'sample_submission.csv'}: ids differ from test.csv: "
+                f"missing {_preview(only_test)}, unknown {_preview(only_sample)}"
+            )
+        overlap = sorted(set(train["id"]) & set(test["id"]))
+        if overlap:
+            problems.append(f"{data_dir}: ids in both train.csv and test.csv {_preview(overlap)}")
+    if problems:
+        raise ValueError("invalid competition data:\n  - " + "\n  - ".join(problems))
+    return train.reset_index(drop=True), test.reset_index(drop=True), sample.reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. EDA
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def plot_eda(train: pd.DataFrame, test: pd.DataFrame, out_dir: str | os.PathLike) -> dict:
+    """Answer balance, task types, question lengths and image sizes; each figure saved as a PNG in out_dir."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    both = pd.concat([train.assign(split="train"), test.assign(split="test")], ignore_index=True)
+    both["question_chars"] = both["question"].str.len()
+    sizes = [Image.open(p).size for p in both["image_path"]]  # reads headers only
+    both["width"], both["height"] = [s[0] for s in sizes], [s[1] for s in sizes]
+
+    figures = {}
+
+    def new(name, title):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.set_title(title)
+        figures[name] = fig
+        return ax
+
+    sns.countplot(data=train, x="answer", order=list(LETTERS), ax=new("answers", "Answer letters (train)"))
+    if "task_type" in train.columns:
+        ax = new("task_types", "Task types")
+        sns.countplot(data=both, y="task_type", hue="split", ax=ax)
+    ax = new("question_length", "Question length (characters)")
+    sns.histplot(data=both, x="question_chars", hue="split", bins=30, ax=ax)
+    ax = new("image_sizes", "Image sizes (pixels)")
+    sns.scatterplot(data=both, x="width", y="height", hue="split", alpha=0.5, ax=ax)
+    for name, fig in figures.items():
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}.png", dpi=100)
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Stratified K-fold
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+    """`train` with a `fold` column, stratified on the answer letter (and task_type when present).
+
+    Strata rarer than the fold count cannot be split and are merged: first into their answer letter alone,
+    then into one 'rare' group.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    strata = train["answer"].copy()
+    if "task_type" in train.columns:
+        strata = train["task_type"].astype(str) + "|" + train["answer"]
+        rare = strata.map(strata.value_counts()) < n_folds
+        strata[rare] = train.loc[rare, "answer"]
+    rare = strata.map(strata.value_counts()) < n_folds
+    strata[rare] = "rare"
+    if strata.value_counts().min() < n_folds:  # even the merged group is too small: plain shuffled split
+        strata[:] = "all"
+    folds = train.copy()
+    folds["fold"] = -1
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for fold, (_, val_idx) in enumerate(splitter.split(folds, strata)):
+        folds.loc[folds.index[val_idx], "fold"] = fold
+    return folds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Dataset and collator
+# ---------------------------------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = "You are a careful visual assistant. Look at the image and answer the multiple-choice question."
+INSTRUCTION = "Answer with one lowercase letter: a, b, c or d."
+
+
+def normalize_text(text: str) -> str:
+    """NFKC folds full-width letters and compatibility characters (common in Korean text) and trims whitespace."""
+    return unicodedata.normalize("NFKC", str(text)).strip()
+
+
+def build_messages(row: dict, order: tuple[int, ...] = (0, 1, 2, 3), answer: str | None = None) -> list[dict]:
+    """Qwen chat messages for one question. `order` lists which original option goes under (a), (b), (c), (d)."""
+    options = "\n".join(f"({LETTERS[i]}) {normalize_text(row[LETTERS[j]])}" for i, j in enumerate(order))
+    hint = normalize_text(row.get("task_hint", "") or "")
+    question = normalize_text(row["question"]) + (f"\nHint: {hint}" if hint else "")
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": f"{question}\n{options}\n{INSTRUCTION}"}],
+        },
+    ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def load_image(path: str, image_size: int) -> Image.Image:
+    """RGB image whose longest side is at most image_size (aspect ratio kept); never upscaled."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    image.thumbnail((image_size, image_size))
+    return image
+
+
+def prompt_text(row: pd.Series | dict) -> str:
+    """The user turn's text for one row, as the model reads it (the image comes before it)."""
+    return build_messages(dict(row))[1]["content"][1]["text"]
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Rows as (image, chat messages). With answers for training; `order` rotates or shuffles options (TTA, aug)."""
+
+    def __init__(self, df: pd.DataFrame, image_size: int, train: bool, shuffle_options: bool = False, seed: int = 0):
+        self.rows = df.to_dict("records")
+        self.image_size = image_size
+        self.train = train
+        self.shuffle_options = shuffle_options
+        self.seed = seed
+        self.order = (0, 1, 2, 3)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        order = self.order
+        if self.shuffle_options:  # seeded per row, so a resumed run sees the same permutation
+            order = tuple(np.random.default_rng([self.seed, i]).permutation(4))
+        answer = LETTERS[order.index(LETTERS.index(row["answer"]))] if self.train else None
+        return {
+            "index": i,
+            "image": load_image(row["image_path"], self.image_size),
+            "messages": build_messages(row, order, answer),
+        }
+
+
+class VQACollator:
+    """Runs the processor once per batch (in DataLoader workers) and, for training, builds answer-only labels.
+
+    Batches are left-padded for training and inference alike, so the answer sits at the end of every row: the
+    model then only has to compute logits for the last few positions (`logits_to_keep`), not the whole sequence.
+    """
+
+    def __init__(self, processor, train: bool):
+        self.processor = processor
+        self.train = train
+        tokenizer = processor.tokenizer
+        self.im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.header_ids = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+
+    def __call__(self, items: list[dict]) -> dict:
+        texts = [
+            self.processor.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=not self.train)
+            for it in items
+        ]
+        batch = self.processor(
+            text=texts, images=[it["image"] for it in items], padding=True, padding_side="left", return_tensors="pt"
+        )
+        batch = dict(batch)
+        batch["index"] = torch.tensor([it["index"] for it in items])
+        if self.train:
+            batch["labels"] = answer_labels(batch["input_ids"], self.header_ids, self.im_end_id)
+        return batch
+
+
+def answer_labels(input_ids: torch.Tensor, header_ids: list[int], im_end_id: int) -> torch.Tensor:
+    """Labels covering exactly the assistant's answer and the <|im_end|> that closes it; -100 elsewhere.
+
+    The chat template ends with "<|im_end|>\\n", so the answer is NOT the last token: it starts after the last
+    "<|im_start|>assistant\\n" header and runs to the next <|im_end|>.
+    """
+    labels = torch.full_like(input_ids, -100)
+    header = torch.tensor(header_ids)
+    width = len(header_ids)
+    for row, ids in enumerate(input_ids):
+        starts = [s for s in range(len(ids) - width, -1, -1) if torch.equal(ids[s : s + width], header)]
+        if not starts:
+            raise ValueError(f"batch row {row}: no assistant header found; is the chat template a Qwen one?")
+        begin = starts[0] + width
+        ends = (ids[begin:] == im_end_id).nonzero()
+        if len(ends) == 0:
+            raise ValueError(f"batch row {row}: the assistant answer is not closed by <|im_end|>")
+        end = begin + int(ends[0])
+        labels[row, begin : end + 1] = ids[begin : end + 1]
+    return labels
+
+
+def split_batch(batch: dict, size: int) -> list[dict]:
+    """Micro-batches of `size` rows, each with the left padding it does not need trimmed away.
+
+    Qwen-VL packs all images' patches into one `pixel_values` tensor; image_grid_thw says how many each image has.
+    """
+    n = batch["input_ids"].shape[0]
+    seq_len = batch["input_ids"].shape[1]
+    patches = batch["image_grid_thw"].prod(-1)
+    offsets = torch.cat([torch.zeros(1, dtype=patches.dtype), patches.cumsum(0)]).tolist()
+    chunks = []
+    for lo in range(0, n, size):
+        hi = min(lo + size, n)
+        first = int(batch["attention_mask"][lo:hi].any(0).float().argmax())  # first column any row uses
+        chunk = {}
+        for key, value in batch.items():
+            if key == "pixel_values":
+                chunk[key] = value[offsets[lo] : offsets[hi]]
+            elif value.dim() >= 2 and value.shape[:2] == (n, seq_len):
+                chunk[key] = value[lo:hi, first:]
+            else:
+                chunk[key] = value[lo:hi]
+        chunks.append(chunk)
+    return chunks
+
+
+def labelled_text(processor, rows: pd.DataFrame, cfg: Config) -> list[str]:
+    """The tokens that training labels cover, decoded: a check that labels hold exactly "<answer><|im_end|>"."""
+    dataset = VQADataset(rows.reset_index(drop=True), cfg.image_size, train=True)
+    batch = VQACollator(processor, train=True)([dataset[i] for i in range(len(dataset))])
+    labels = batch["labels"]
+    return [processor.tokenizer.decode(ids[ids != -100]) for ids in labels]
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffled batches of similar lengths: less padding, same randomness across epochs as a plain shuffle.
+
+    Indices are shuffled, cut into groups of 50 batches, sorted by length inside each group, cut into batches,
+    and the batches shuffled again.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    group = batch_size * 50
+    batches = []
+    for lo in range(0, len(order), group):
+        block = sorted(order[lo : lo + group], key=lambda i: lengths[i])
+        batches += [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+    return [[int(i) for i in batches[j]] for j in rng.permutation(len(batches))]
+
+
+def prompt_lengths(df: pd.DataFrame) -> list[int]:
+    """A cheap stand-in for token length (characters of question and options) used to group similar rows."""
+    return (df["question"].str.len() + sum(df[c].str.len() for c in LETTERS)).tolist()
+
+
+def make_loader(dataset: VQADataset, collator: VQACollator, batches: list[list[int]], workers: int):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collator,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. Model: multi-GPU 4-bit load, LoRA, tiny offline models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the GPU has it, fp16 on older GPUs such as the T4, fp32 on CPU."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def input_device(model) -> torch.device:
+    """Where inputs go: the embedding's device (device_map may spread layers over several GPUs)."""
+    return model.get_input_embeddings().weight.device
+
+
+def load_model_and_processor(cfg: Config):
+    """The base model (4-bit NF4 on CUDA, fp32 on CPU) with gradient checkpointing, and its processor.
+
+    `cfg.model_id` may be a Hub id, a local folder (Kaggle Models), or "tiny:<arch>" for a tiny random model
+    built offline under the output folder (the smoke profile).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    model_path = cfg.model_id
+    if model_path.startswith("tiny:"):
+        arch = model_path.split(":", 1)[1]
+        model_path = str(build_tiny_model(cfg.out / f"tiny-{arch}", arch, seed=cfg.seed))
+    else:
+        model_path = find_local_model(model_path)
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    processor.tokenizer.padding_side = "left"
+    # Bound the vision tokens: the processor resizes to at most image_size^2 pixels (images are pre-shrunk too).
+    processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": cfg.image_size * cfg.image_size}
+
+    dtype = compute_dtype()
+    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    if torch.cuda.is_available():
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {i: f"{cfg.max_memory_gib}GiB" for i in range(torch.cuda.device_count())}
+    model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    # Non-reentrant checkpointing works with frozen inputs and LoRA without enable_input_require_grads hacks.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def lora_target_regex(targets: tuple[str, ...]) -> str:
+    """Only the language model's projections: the vision tower shares names such as gate_proj in Qwen2.5-VL."""
+    return rf".*language_model.*\.({'|'.join(targets)})$"
+
+
+def attach_lora(base_model, cfg: Config):
+    """A fresh LoRA adapter on the base model (one per fold, so folds never share trained weights)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_target_regex(cfg.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(cfg.seed)  # the same fold starts from the same adapter on a re-run
+    return get_peft_model(base_model, config)
+
+
+def load_adapter(base_model, adapter_dir: str | os.PathLike):
+    """The base model with a fold's saved adapter, ready for inference."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+
+
+def detach_lora(peft_model):
+    """The base model with the adapter removed (not merged), and the memory it used released."""
+    base = peft_model.unload()
+    release_memory()
+    return base
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# build_tiny_model: see the end of this section (kept together with its tokenizer and chat template).
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 8. Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """Tensors the model's forward takes, on its input device (labels and row indices are ours)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "index")}
+
+
+def answer_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed cross-entropy over the labelled answer tokens.
+
+    Logits are computed for the last positions only, from one before the first labelled token: with a vocabulary
+    of 150k, full-sequence logits would cost more memory than the rest of the step.
+    """
+    labels = batch["labels"]
+    seq_len = labels.shape[1]
+    first = int((labels != -100).float().argmax(1).min())
+    keep = seq_len - first + 1
+    logits = model(**model_inputs(batch, input_device(model)), logits_to_keep=keep).logits
+    targets = labels[:, seq_len - keep + 1 :].to(logits.device)
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def accumulate_gradients(model, batch: dict, micro_batch: int, scaler, autocast) -> float:
+    """Forward and backward over one optimizer step's batch in micro-batches; returns the mean token loss.
+
+    Each micro-batch's loss is divided by the step's total label count, so the gradient equals the full batch's
+    whatever the micro-batch size (which halves itself on out-of-memory).
+    """
+    n_tokens = int((batch["labels"] != -100).sum())
+    total = 0.0
+    for chunk in split_batch(batch, micro_batch):
+        with autocast():
+            loss = answer_loss_sum(model, chunk)
+        scaler.scale(loss / n_tokens).backward()
+        total += loss.item()
+        del loss
+    return total / n_tokens
+
+
+def autocast_context(device: torch.device):
+    dtype = compute_dtype()
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+
+
+def checkpoint_paths(fold_dir: Path) -> list[Path]:
+    return sorted(fold_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(fold_dir: Path, state: dict, model, keep: int = 2) -> None:
+    """Adapter, optimizer, scheduler, scaler, RNG and position, written to a temp folder and renamed (atomic)."""
+    final = fold_dir / f"checkpoint-{state['global_step']}"
+    tmp = fold_dir / f".tmp-checkpoint-{state['global_step']}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({**state, "trainable": trainable, "rng": rng}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in checkpoint_paths(fold_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(fold_dir: Path, model) -> dict | None:
+    """The newest checkpoint's state with the adapter weights and RNG restored, or None."""
+    paths = checkpoint_paths(fold_dir)
+    if not paths:
+        return None
+    state = torch.load(paths[-1] / "state.pt", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.pop("trainable").items():
+            params[name].copy_(value)
+    rng = state.pop("rng")
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def memory_report() -> str:
+    """Allocated / peak / total GPU memory per device, or the process's resident memory on CPU."""
+    if not torch.cuda.is_available():
+        import psutil
+
+        return f"CPU only; process resident memory {psutil.Process().memory_info().rss / 2**30:.2f} GiB"
+    lines = []
+    for i in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(i).total_memory
+        allocated, peak = torch.cuda.memory_allocated(i), torch.cuda.max_memory_allocated(i)
+        lines.append(
+            f"cuda:{i}: {allocated / 2**30:.2f} GiB allocated, {peak / 2**30:.2f} peak, {total / 2**30:.1f} total"
+        )
+    return "\n".join(lines)
+
+
+def memory_summary() -> str:
+    if not torch.cuda.is_available():
+        return ""
+    return " ".join(f"{torch.cuda.max_memory_allocated(i) / 2**30:.1f}G" for i in range(torch.cuda.device_count()))
+
+
+def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
+    """Train one fold's LoRA adapter; keep the adapter with the best validation accuracy in fold_dir/best_adapter.
+
+    Resumes from the fold's newest checkpoint if there is one. Returns the fold's history and best metrics.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    fold_dir = cfg.fold_dir(fold)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    train_df = folds[folds["fold"] != fold].reset_index(drop=True)
+    val_df = folds[folds["fold"] == fold].reset_index(drop=True)
+    device = input_device(model)
+    dataset = VQADataset(train_df, cfg.image_size, train=True, shuffle_options=cfg.shuffle_options, seed=cfg.seed)
+    collator = VQACollator(processor, train=True)
+    lengths = prompt_lengths(train_df)
+    steps_per_epoch = math.ceil(len(train_df) / cfg.effective_batch)  # the last, partial batch is a step too
+    total_steps = steps_per_epoch * cfg.epochs
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype() == torch.float16)
+    autocast = autocast_context(device)
+
+    # -- resume
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": cfg.batch_size, "history": []}
+    state.update({"best_accuracy": -1.0, "best_loss": float("inf"), "skipped_steps": 0})
+    resumed = load_checkpoint(fold_dir, model)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.pop("optimizer"))
+        scheduler.load_state_dict(resumed.pop("scheduler"))
+        scaler.load_state_dict(resumed.pop("scaler"))
+        state.update(resumed)
+        print(f"fold {fold}: resuming at epoch {state['epoch']} step {state['step_in_epoch']}")
+
+    def checkpoint():
+        extra = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+        }
+        save_checkpoint(fold_dir, {**state, **extra}, model)
+
+    bad_in_a_row = 0
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc=f"fold {fold}", dynamic_ncols=True)
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        batches = length_grouped_batches(lengths, cfg.effective_batch, seed=cfg.seed * 1000 + epoch)
+        loader = make_loader(dataset, collator, batches[state["step_in_epoch"] :], cfg.num_workers)
+        model.train()
+        for batch in loader:
+            # -- forward/backward, halving the micro-batch on out-of-memory (effective batch unchanged)
+            while True:
+                try:
+                    loss = accumulate_gradients(model, batch, state["micro_batch"], scaler, autocast)
+                    break
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    release_memory()
+                    if state["micro_batch"] == 1:
+                        raise RuntimeError(
+                            f"out of memory at micro-batch 1 (image_size {cfg.image_size}): set the Config cell's "
+                            f"profile to {NEXT_LOWER_LEVEL.get(cfg.profile, 'safe')!r}"
+                        ) from None
+                    state["micro_batch"] //= 2
+                    tqdm.write(f"out of memory: micro-batch now {state['micro_batch']}, gradient accumulation doubled")
+
+            # -- optimizer step; a non-finite loss is skipped, never trained on
+            if math.isfinite(loss):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                scale = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                skipped = scaler.is_enabled() and scaler.get_scale() < scale  # fp16 overflow in the gradients
+            else:
+                skipped = True
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["skipped_steps"] += skipped
+            bad_in_a_row = bad_in_a_row + 1 if not math.isfinite(loss) else 0
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"fold {fold}: {bad_in_a_row} non-finite losses in a row at step {state['global_step']}. "
+                    f"Lower lr (now {cfg.lr}), or load in bf16/fp32 if the GPU allows; the fold's last checkpoint "
+                    "is kept, so re-running resumes from it."
+                )
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+
+            # -- log and checkpoint
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mem=memory_summary())
+            if state["global_step"] % cfg.save_every_steps == 0:
+                checkpoint()
+
+        # -- validate at epoch end, keep the best adapter
+        log_probs = letter_log_probs(model, processor, val_df, cfg)
+        metrics = validation_metrics(log_probs, val_df["answer"])
+        metrics.update(epoch=epoch + 1, step=state["global_step"], skipped_steps=state["skipped_steps"])
+        state["history"].append(metrics)
+        tqdm.write(
+            f"fold {fold} epoch {epoch + 1}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}"
+        )
+        better = (metrics["val_acc"], -metrics["val_loss"]) > (state["best_accuracy"], -state["best_loss"])
+        if better:
+            state["best_accuracy"], state["best_loss"] = metrics["val_acc"], metrics["val_loss"]
+            save_adapter(model, fold_dir / "best_adapter")
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        checkpoint()
+    progress.close()
+
+    result = {"fold": fold, "best_val_acc": state["best_accuracy"], "best_val_loss": state["best_loss"]}
+    result.update(skipped_steps=state["skipped_steps"], history=state["history"])
+    atomic_write_text(fold_dir / "result.json", json.dumps(result, indent=2))
+    release_memory()
+    return result
+
+
+def fold_is_trained(cfg: Config, fold: int) -> bool:
+    return (cfg.fold_dir(fold) / "result.json").exists()
+
+
+def save_adapter(model, path: Path) -> None:
+    """Adapter weights only (a few MB), replaced atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def train_folds(base_model, processor, folds: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Train every fold in cfg.folds_to_train with a fresh adapter, skipping folds already finished."""
+    results = []
+    for fold in cfg.folds_to_train:
+        if fold_is_trained(cfg, fold):
+            print(f"fold {fold}: already trained, skipped")
+            results.append(json.loads((cfg.fold_dir(fold) / "result.json").read_text()))
+            continue
+        model = attach_lora(base_model, cfg)
+        results.append(fit(model, processor, folds, fold, cfg))
+        base_model = detach_lora(model)
+    return pd.DataFrame(results).drop(columns="history")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 9. Inference: score the four letters in one forward pass
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.encode(letter, add_special_tokens=False) for letter in LETTERS]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the tokenizer splits the option letters: {dict(zip(LETTERS, ids, strict=True))}")
+    return [i[0] for i in ids]
+
+
+@torch.no_grad()
+def letter_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: tuple[int, ...] = (0, 1, 2, 3)):
+    """[N, 4] log-probabilities (over the whole vocabulary) of the letters a-d as the answer's first token.
+
+    Rows are scored in batches of similar length and returned in the input order. `order` presents the options
+    permuted (for test-time augmentation); the columns are then mapped back to the original options.
+    On out-of-memory the batch size halves and the batch is retried.
+    """
+    was_training = model.training
+    model.eval()
+    device = input_device(model)
+    dataset = VQADataset(df, cfg.image_size, train=False)
+    dataset.order = order
+    collator = VQACollator(processor, train=False)
+    letter_ids = torch.tensor(letter_token_ids(processor.tokenizer))
+    by_length = np.argsort(prompt_lengths(df), kind="stable")
+    batch_size = cfg.eval_batch_size
+    batches = [by_length[i : i + batch_size].tolist() for i in range(0, len(df), batch_size)]
+    out = torch.empty(len(df), 4)
+    autocast = autocast_context(device)
+    for batch in tqdm(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
+        done = False
+        micro = len(batch["index"])
+        while not done:
+            try:
+                for chunk in split_batch(batch, micro):
+                    with autocast():
+                        logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
+                    out[chunk["index"]] = logits.float().log_softmax(-1)[:, letter_ids.to(logits.device)].cpu()
+                done = True
+            except torch.OutOfMemoryError:
+                release_memory()
+                if micro == 1:
+                    raise
+                micro //= 2
+                tqdm.write(f"out of memory in inference: batch size now {micro}")
+    model.train(was_training)
+    # column j of `out` is the letter shown at position j, which holds original option order[j]
+    restored = torch.empty_like(out)
+    restored[:, list(order)] = out
+    return restored.numpy()
+
+
+def softmax4(log_probs: np.ndarray) -> np.ndarray:
+    """Probabilities over the four options only."""
+    z = log_probs - log_probs.max(1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(1, keepdims=True)
+
+
+def validation_metrics(log_probs: np.ndarray, answers: pd.Series) -> dict:
+    """Accuracy, and the loss on the answer letter token (the training objective's first token)."""
+    target = answers.map(LETTERS.index).to_numpy()
+    return {
+        "val_acc": float((log_probs.argmax(1) == target).mean()),
+        "val_loss": float(-log_probs[np.arange(len(target)), target].mean()),
+    }
+
+
+def predict_proba(model, processor, df: pd.DataFrame, cfg: Config) -> np.ndarray:
+    """[N, 4] probabilities of options a-d."""
+    return softmax4(letter_log_probs(model, processor, df, cfg))
+
+
+def predict_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> dict:
+    """Per fold: out-of-fold and test probabilities from its best adapter, saved as .npy and reused on re-runs.
+
+    In zero-shot mode the base model predicts once, as the single member "zeroshot".
+    """
+    members = ["zeroshot"] if cfg.zero_shot else [f"fold{k}" for k in cfg.folds_to_train]
+    predictions = {}
+    for name in members:
+        out_dir = cfg.out / name
+        test_file, oof_file = out_dir / "test_probs.npy", out_dir / "oof_probs.npy"
+        if test_file.exists() and oof_file.exists():
+            predictions[name] = {"test": np.load(test_file), "oof": np.load(oof_file)}
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model = base_model if cfg.zero_shot else load_adapter(base_model, out_dir / "best_adapter")
+        val = folds if cfg.zero_shot else folds[folds["fold"] == int(name[4:])]
+        oof, test_probs = predict_proba(model, processor, val, cfg), predict_proba(model, processor, test, cfg)
+        if not cfg.zero_shot:
+            base_model = detach_lora(model)
+        atomic_save_npy(oof_file, oof)
+        atomic_save_npy(test_file, test_probs)
+        predictions[name] = {"test": test_probs, "oof": oof}
+    return predictions
+
+
+def oof_report(predictions: dict, folds: pd.DataFrame) -> pd.DataFrame:
+    """Validation accuracy of each member on the rows it did not train on, and overall."""
+    rows = []
+    for name, pred in predictions.items():
+        val = folds if name == "zeroshot" else folds[folds["fold"] == int(name[4:])]
+        correct = pred["oof"].argmax(1) == val["answer"].map(LETTERS.index).to_numpy()
+        rows.append({"member": name, "rows": len(val), "accuracy": correct.mean(), "correct": correct.sum()})
+    report = pd.DataFrame(rows)
+    total = {"member": "all (out-of-fold)", "rows": report["rows"].sum(), "correct": report["correct"].sum()}
+    total["accuracy"] = total["correct"] / max(total["rows"], 1)
+    return pd.concat([report, pd.DataFrame([total])], ignore_index=True).drop(columns="correct")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. Ensemble and submission
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def majority_vote(member_probs: list[np.ndarray]) -> np.ndarray:
+    """Letter index per row chosen by most members; ties broken by summed probability."""
+    stacked = np.stack(member_probs)  # [members, N, 4]
+    votes = np.eye(4)[stacked.argmax(-1)].sum(0)  # [N, 4]
+    summed = stacked.sum(0)
+    # summed / (members + 1) < 1, so it only decides between letters with equal votes
+    return (votes + summed / (len(member_probs) + 1)).argmax(-1)
+
+
+def soft_vote(member_probs: list[np.ndarray]) -> np.ndarray:
+    return np.mean(member_probs, axis=0).argmax(-1)
+
+
+def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame) -> None:
+    problems = []
+    if list(submission.columns) != ["id", "answer"]:
+        problems.append(f"columns {list(submission.columns)} should be ['id', 'answer']")
+    if submission["id"].tolist() != sample["id"].tolist():
+        problems.append("ids differ from sample_submission.csv (same ids in the same order expected)")
+    bad = submission.loc[~submission["answer"].isin(LETTERS), "id"].tolist()
+    if bad:
+        problems.append(f"answers not in a-d for ids {_preview(bad)}")
+    if problems:
+        raise ValueError("invalid submission:\n  - " + "\n  - ".join(problems))
+
+
+def write_submission(choices: np.ndarray, test: pd.DataFrame, sample: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Submission in sample_submission's id order, validated, written atomically."""
+    answers = pd.Series([LETTERS[int(c)] for c in choices], index=test["id"])
+    submission = pd.DataFrame({"id": sample["id"], "answer": sample["id"].map(answers)})
+    validate_submission(submission, sample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, submission.to_csv(index=False))
+    return submission
+
+
+def write_submissions(predictions: dict, fold_results: pd.DataFrame | None, test, sample, cfg: Config) -> dict:
+    """submission_ensemble.csv (majority vote), submission_soft.csv (mean probability), submission_single.csv."""
+    names = list(predictions)
+    test_probs = [predictions[n]["test"] for n in names]
+    best = names[0]
+    if fold_results is not None and len(fold_results):
+        best = f"fold{int(fold_results.sort_values('best_val_acc', ascending=False)['fold'].iloc[0])}"
+    choices = {
+        "submission_ensemble.csv": majority_vote(test_probs),
+        "submission_soft.csv": soft_vote(test_probs),
+        "submission_single.csv": predictions[best]["test"].argmax(-1),
+    }
+    return {name: write_submission(c, test, sample, cfg.out / name) for name, c in choices.items()}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)

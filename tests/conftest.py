@@ -1,0 +1,35 @@
+"""Shared fixtures: the sample data and tiny random Qwen-VL models built offline once per test session."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import helpers  # noqa: E402
+
+ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return ROOT / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_data(sample_dir):
+    return helpers.load_competition_data(sample_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: helpers.build_tiny_model(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path, tiny_model_dirs) -> helpers.Config:
+    """The smoke profile writing into a temporary folder, with the tiny Qwen3-VL already built."""
+    return helpers.Config(profile="smoke", model_id=str(tiny_model_dirs["qwen3_vl"]), output_dir=str(tmp_path))

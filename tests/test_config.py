@@ -1,0 +1,56 @@
+import pytest
+
+import helpers
+
+
+def test_memory_levels_fill_unset_fields():
+    cfg = helpers.Config(profile="balanced")
+    assert (cfg.image_size, cfg.lora_r, cfg.batch_size, cfg.grad_accum) == (448, 12, 1, 12)
+    assert cfg.lora_alpha == 24 and cfg.effective_batch == 12
+
+
+def test_explicit_values_beat_the_level():
+    cfg = helpers.Config(profile="high", image_size=640, lora_r=4)
+    assert (cfg.image_size, cfg.lora_r, cfg.batch_size) == (640, 4, 2)
+
+
+def test_smoke_profile_uses_the_tiny_model_on_cpu_settings():
+    cfg = helpers.Config(profile="smoke")
+    assert cfg.model_id == "tiny:qwen3_vl" and cfg.n_folds == 2 and cfg.image_size == 64
+
+
+def test_validation_lists_every_problem_at_once():
+    with pytest.raises(ValueError) as err:
+        helpers.Config(profile="huge", n_folds=1, lr=3.0, train_folds=(7,))
+    message = str(err.value)
+    for culprit in ("profile 'huge'", "n_folds must be at least 2", "lr must be in", "train_folds (7,)"):
+        assert culprit in message
+
+
+def test_auto_profile_picks_smoke_without_gpu(monkeypatch):
+    monkeypatch.setattr(helpers.torch.cuda, "is_available", lambda: False)
+    assert helpers.resolve_profile("auto") == "smoke"
+    monkeypatch.setattr(helpers.torch.cuda, "is_available", lambda: True)
+    assert helpers.resolve_profile("auto") == "safe"
+    assert helpers.resolve_profile("high") == "high"
+
+
+def test_config_round_trips_through_json(tmp_path):
+    cfg = helpers.Config(profile="safe", output_dir=str(tmp_path))
+    cfg.save(tmp_path / "config.json")
+    assert '"profile": "safe"' in (tmp_path / "config.json").read_text()
+
+
+def test_find_data_dir_prefers_explicit_then_local(tmp_path, sample_dir):
+    assert helpers.find_data_dir(sample_dir) == sample_dir
+    with pytest.raises(ValueError, match="holds no train.csv"):
+        helpers.find_data_dir(tmp_path)
+
+
+def test_find_local_model_matches_kaggle_layout(tmp_path):
+    folder = tmp_path / "qwen3-vl" / "transformers" / "qwen3-vl-8b-instruct" / "1"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert helpers.find_local_model("Qwen/Qwen3-VL-8B-Instruct", roots=(str(tmp_path),)) == str(folder)
+    other = "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert helpers.find_local_model(other, roots=(str(tmp_path),)) == other
