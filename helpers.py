@@ -121,22 +121,35 @@ MEMORY_LEVELS = {
 }
 NEXT_LOWER_LEVEL = {"high": "balanced", "balanced": "safe", "safe": "a smaller model"}
 
+# What the memory levels share. Kaggle's 9-12 h session fits about 5 folds x 2 epochs of an 8B model at `safe`.
+GPU_DEFAULTS = {
+    "model_id": "Qwen/Qwen3-VL-8B-Instruct",
+    "n_folds": 5,
+    "epochs": 2,
+    "lr": 1e-4,
+    "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "eval_batch_size": 8,
+    "num_workers": 2,
+    "save_every_steps": 50,
+}
+
 # The smoke profile: a tiny random Qwen3-VL built offline, trained on CPU on the sample data in a few minutes.
-SMOKE_PROFILE = dict(
-    image_size=64,
-    lora_r=16,
-    batch_size=8,
-    grad_accum=2,
-    max_memory_gib=0.0,
-    model_id="tiny:qwen3_vl",
-    n_folds=2,
-    epochs=12,
-    lr=2e-3,
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    eval_batch_size=32,
-    num_workers=0,
-    save_every_steps=20,
-)
+# A random model needs more epochs, a higher learning rate and LoRA on the MLPs too to learn anything.
+SMOKE_PROFILE = {
+    "image_size": 64,
+    "lora_r": 16,
+    "batch_size": 8,
+    "grad_accum": 2,
+    "max_memory_gib": 0.0,
+    "model_id": "tiny:qwen3_vl",
+    "n_folds": 2,
+    "epochs": 12,
+    "lr": 2e-3,
+    "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "eval_batch_size": 32,
+    "num_workers": 0,
+    "save_every_steps": 20,
+}
 
 
 @dataclass
@@ -144,7 +157,7 @@ class Config:
     """Everything a run depends on. Fields left as None are filled from the profile's preset."""
 
     profile: str = "safe"  # "safe" | "balanced" | "high" (MEMORY_LEVELS) or "smoke" (tiny model, CPU)
-    model_id: str | None = "Qwen/Qwen3-VL-8B-Instruct"  # Hub id or local folder; "tiny:<arch>" builds a tiny one
+    model_id: str | None = None  # Hub id or local folder; "tiny:<arch>" builds a tiny random one
     data_dir: str | None = None  # None: search Kaggle inputs, Colab, ./data
     output_dir: str = "outputs"
     zero_shot: bool = False  # skip training and predict with the base model
@@ -157,34 +170,31 @@ class Config:
     max_memory_gib: float | None = None  # weights per GPU for device_map="auto"; the rest holds activations
 
     # Folds
-    n_folds: int = 5
+    n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
     train_folds: tuple[int, ...] | None = None  # None: all folds; e.g. (0, 1) to fit a session's time
     seed: int = 42
 
     # Optimisation
-    epochs: int = 2
-    lr: float = 1e-4
+    epochs: int | None = None
+    lr: float | None = None
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_alpha: int | None = None  # None: 2 * lora_r
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # language model only
+    lora_targets: tuple[str, ...] | None = None  # projections of the language model that get adapters
     shuffle_options: bool = False  # permute the options of each training sample and remap its answer
 
     # Runtime
-    eval_batch_size: int = 8
-    num_workers: int = 2  # DataLoader workers running the processor in parallel with the GPU
-    save_every_steps: int = 50  # optimizer steps between resumable checkpoints
+    eval_batch_size: int | None = None  # inference batch; halves itself on out-of-memory
+    num_workers: int | None = None  # DataLoader workers running the processor in parallel with the GPU
+    save_every_steps: int | None = None  # optimizer steps between resumable checkpoints
     max_bad_steps: int = 8  # consecutive non-finite losses before a fold is stopped
 
     def __post_init__(self):
-        preset = SMOKE_PROFILE if self.profile == "smoke" else MEMORY_LEVELS.get(self.profile, {})
+        preset = SMOKE_PROFILE if self.profile == "smoke" else {**GPU_DEFAULTS, **MEMORY_LEVELS.get(self.profile, {})}
         for name, value in preset.items():
-            current = getattr(self, name)
-            default = Config.__dataclass_fields__[name].default
-            # A preset value fills a field the user left at its default; an explicit value wins.
-            if current is None or (self.profile == "smoke" and current == default):
+            if getattr(self, name) is None:  # an explicit value always wins over the profile's
                 setattr(self, name, value)
         if self.lora_alpha is None and self.lora_r is not None:
             self.lora_alpha = 2 * self.lora_r
@@ -192,9 +202,9 @@ class Config:
 
     def validate(self) -> None:
         """Collect every problem and raise one error, so a user fixes the Config cell in one go."""
-        problems = []
         if self.profile not in (*MEMORY_LEVELS, "smoke"):
-            problems.append(f"profile {self.profile!r} is not one of {[*MEMORY_LEVELS, 'smoke']}")
+            raise ValueError(f"invalid Config: profile {self.profile!r} is not one of {[*MEMORY_LEVELS, 'smoke']}")
+        problems = []
         if not self.model_id:
             problems.append("model_id is empty")
         if self.n_folds < 2:
@@ -586,8 +596,10 @@ def make_loader(dataset: VQADataset, collator: VQACollator, batches: list[list[i
         batch_sampler=batches,
         collate_fn=collator,
         num_workers=workers,
-        persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, so a resumed run
+        # would see different dropout masks from an uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -643,7 +655,11 @@ def load_model_and_processor(cfg: Config):
     model.requires_grad_(False)
     model.config.use_cache = False
     # Non-reentrant checkpointing works with frozen inputs and LoRA without enable_input_require_grads hacks.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.2x renamed gradient checkpointing "activation checkpointing"; 5.17 knows only the old name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
 
 
@@ -687,7 +703,506 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-# build_tiny_model: see the end of this section (kept together with its tokenizer and chat template).
+# -- Tiny random models, built offline -------------------------------------------------------------------------------
+# Real weights cannot be downloaded everywhere (CI, air-gapped machines), so the tests and the smoke profile build a
+# complete checkpoint folder (config, safetensors weights, tokenizer, processors, the real chat template) that loads
+# through the same from_pretrained calls as Qwen's. Each model has about a million parameters; a build takes a second.
+TINY_ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+# Special tokens of the real Qwen2.5-VL / Qwen3-VL vocabularies, in their real
+# order. The processors read <|image_pad|>, <|video_pad|>, <|vision_start|> and
+# <|vision_end|>; the others keep the vocabulary shaped like the real one.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Chat template of Qwen/Qwen2.5-VL-*-Instruct (chat_template.json). Copied from
+# the public template as quoted by several projects (e.g. xorbitsai/inference's
+# llm_family_modelscope.json). It adds a default system prompt when the first
+# message is not a system message.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Chat template of Qwen/Qwen3-VL-*-Instruct (also used by the Qwen3-VL MoE
+# Instruct models), verbatim: 5292 UTF-8 bytes, SHA-256 3636d0f0bd6bef02...,
+# the hash pinned for the Qwen/Qwen3-VL-8B-Instruct GGUF template in a public
+# test suite. Unlike Qwen2.5-VL it adds no default system prompt.
+QWEN3_VL_CHAT_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' }}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content_item in message.content %}
+                {%- if 'text' in content_item %}
+                    {{- content_item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and message.content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""  # noqa: E501 (verbatim template)
+
+# Training text for the BPE: chat-template words plus English and Korean
+# multiple-choice VQA phrasing, so merges resemble the text the tests feed in.
+_BASE_SENTENCES = [
+    "You are a helpful assistant.",
+    "system user assistant",
+    "What colour is the shape?",
+    "What color is the object in the picture?",
+    "How many objects are there?",
+    "How many shapes can you see in the image?",
+    "Which shape is the largest?",
+    "Where is the circle?",
+    "Is the square to the left of the triangle?",
+    "Answer with one lowercase letter.",
+    "Answer with the letter of the correct option.",
+    "Choose the best answer from the options below.",
+    "Look at the image and answer the question.",
+    "The answer is (a).",
+    "Question: What is shown in the image?",
+    "Options:",
+    "(a) red\n(b) green\n(c) blue\n(d) yellow",
+    "(a) one\n(b) two\n(c) three\n(d) four",
+    "(a) circle\n(b) square\n(c) triangle\n(d) star",
+    "(a) left\n(b) right\n(c) top\n(d) bottom",
+    "a b c d",
+    "Which option best describes the scene?",
+    "Count the number of red circles and pick the matching option.",
+    "What is the relationship between the two objects?",
+    "Is there anything unusual about this picture?",
+    "Select the correct answer; reply with a, b, c or d only.",
+    "The correct option is b because the triangle is smaller.",
+    "Read the text in the image and answer the question below.",
+    "What is the person holding in their hand?",
+    "그림 속 사람은 무엇을 들고 있습니까?",
+    "두 물체 사이의 관계는 무엇입니까?",
+    "장면을 가장 잘 설명하는 선택지는 무엇입니까?",
+    "삼각형이 더 작기 때문에 정답은 b입니다.",
+    "도형의 색깔은 무엇입니까?",
+    "이미지에 물체가 몇 개 있습니까?",
+    "가장 큰 도형은 무엇입니까?",
+    "원은 어디에 있습니까?",
+    "소문자 한 글자로 답하세요.",
+    "정답을 고르세요.",
+    "이미지를 보고 질문에 답하세요.",
+    "당신은 도움이 되는 조수입니다.",
+    "(a) 빨간색\n(b) 초록색\n(c) 파란색\n(d) 노란색",
+    "(a) 원\n(b) 사각형\n(c) 삼각형\n(d) 별",
+    "(a) 하나\n(b) 둘\n(c) 셋\n(d) 넷",
+]
+# (English, Korean) word pairs expanded into templated sentences below.
+_COLOURS = [
+    ("red", "빨간색"),
+    ("green", "초록색"),
+    ("blue", "파란색"),
+    ("yellow", "노란색"),
+    ("black", "검은색"),
+    ("white", "흰색"),
+    ("purple", "보라색"),
+    ("orange", "주황색"),
+]
+_SHAPES = [
+    ("circle", "원"),
+    ("square", "사각형"),
+    ("triangle", "삼각형"),
+    ("star", "별"),
+    ("rectangle", "직사각형"),
+    ("hexagon", "육각형"),
+]
+_COUNTS = [("one", "하나"), ("two", "둘"), ("three", "셋"), ("four", "넷"), ("five", "다섯"), ("six", "여섯")]
+_POSITIONS = [("left", "왼쪽"), ("right", "오른쪽"), ("top", "위쪽"), ("bottom", "아래쪽"), ("center", "가운데")]
+_BPE_VOCAB_SIZE = 1024
+
+# Merged image patches side (pixels) = patch_size * merge_size: 28 for Qwen2.5-VL,
+# 32 for Qwen3-VL. Small pixel budgets keep image token counts tiny (4-20).
+_MIN_PIXELS = 32 * 32
+_MAX_PIXELS = 128 * 128
+_MERGE_SIZE = 2
+_TEMPORAL_PATCH_SIZE = 2
+
+# Tiny dimensions shared by all three archs. head_dim = 128 / 4 = 32, so the
+# multimodal rope section [t, h, w] must sum to head_dim / 2 = 16.
+_TEXT_DIMS = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+}
+_HEAD_DIM = 32
+_MROPE_SECTION = [8, 4, 4]
+_VISION_DIMS = {
+    "depth": 2,
+    "hidden_size": 64,
+    "num_heads": 4,
+    "intermediate_size": 128,
+    "out_hidden_size": _TEXT_DIMS["hidden_size"],
+    "spatial_merge_size": _MERGE_SIZE,
+    "temporal_patch_size": _TEMPORAL_PATCH_SIZE,
+}
+
+
+def _training_corpus() -> list[str]:
+    """Base sentences plus templated scene descriptions and option lists in both languages."""
+    corpus = list(_BASE_SENTENCES)
+    for colour, colour_ko in _COLOURS:
+        for shape, shape_ko in _SHAPES:
+            corpus.append(f"There is a {colour} {shape} in the image.")
+            corpus.append(f"이미지에 {colour_ko} {shape_ko}이 있습니다.")
+    for (count, count_ko), (shape, shape_ko) in zip(_COUNTS, _SHAPES, strict=True):
+        corpus.append(f"There are {count} {shape}s in the picture.")
+        corpus.append(f"그림에 {shape_ko}이 {count_ko} 개 있습니다.")
+    for position, position_ko in _POSITIONS:
+        for shape, shape_ko in _SHAPES:
+            corpus.append(f"The {shape} is at the {position} of the image.")
+            corpus.append(f"{shape_ko}은 이미지의 {position_ko}에 있습니다.")
+    # Rotated multiple-choice option lists, e.g. "(a) red\n(b) green\n...".
+    for words in (_COLOURS, _SHAPES, _COUNTS, _POSITIONS):
+        for shift in range(4):
+            rotated = (words[shift:] + words[:shift])[:4]
+            for lang in (0, 1):
+                options = [f"({letter}) {pair[lang]}" for letter, pair in zip("abcd", rotated, strict=True)]
+                corpus.append("\n".join(options))
+    return corpus
+
+
+def build_tokenizer():
+    """Train a tiny byte-level BPE with the Qwen2 pre-tokenisation and wrap it as a Qwen2 tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    backend = Tokenizer(models.BPE())
+    # Same normalizer / pre-tokenizer / decoder as transformers' Qwen2Tokenizer,
+    # which rebuilds exactly this pipeline around vocab + merges on reload.
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB_SIZE,
+        # Merge even once-seen pairs: the corpus is tiny, and whole-word tokens
+        # ("Ġcolour") look more like the real Qwen vocabulary than fragments.
+        min_frequency=0,
+        # Every byte is a token, so any text (and every single letter) encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_training_corpus(), trainer=trainer)
+    # Added after training, so (as in the real vocab) they sit after the BPE ids.
+    backend.add_special_tokens(SPECIAL_TOKENS)
+
+    # Settings mirror the real Qwen2.5-VL / Qwen3-VL tokenizer_config.json.
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        bos_token=None,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=_TEXT_DIMS["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+        add_prefix_space=False,
+    )
+
+    # Callers score option letters by a single token id: make sure that holds,
+    # including right after the assistant header of the chat template.
+    letter_ids = {}
+    for letter in "abcd":
+        ids = tokenizer.encode(letter, add_special_tokens=False)
+        assert len(ids) == 1, f"{letter!r} encodes to {ids}, expected one token"
+        letter_ids[letter] = ids[0]
+    chat = "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
+    chat_ids = tokenizer.encode(chat, add_special_tokens=False)
+    assert letter_ids["a"] in chat_ids, "the answer letter tokenises differently after the assistant header"
+    return tokenizer
+
+
+def _build_processor(arch: str, tokenizer):
+    from transformers import (
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    size = {"shortest_edge": _MIN_PIXELS, "longest_edge": _MAX_PIXELS}
+    common = {"merge_size": _MERGE_SIZE, "temporal_patch_size": _TEMPORAL_PATCH_SIZE}
+    if arch == "qwen2_5_vl":
+        # Qwen2.5-VL: 14-px patches, CLIP mean/std (the image processor default).
+        image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, **common)
+        video_processor = Qwen2VLVideoProcessor(size=size, patch_size=14, **common)
+        return Qwen2_5_VLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+        )
+    # Qwen3-VL (dense and MoE): 16-px patches, mean/std 0.5 as in its preprocessor_config.json.
+    image_processor = Qwen2VLImageProcessor(
+        size=size, patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **common
+    )
+    # The video budget counts pixels over all frames, hence the larger maximum.
+    video_size = {"shortest_edge": _MIN_PIXELS, "longest_edge": 8 * _MAX_PIXELS}
+    video_processor = Qwen3VLVideoProcessor(size=video_size, patch_size=16, **common)
+    return Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    )
+
+
+def _build_config(arch: str, tokenizer):
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    token_ids = {
+        "bos_token_id": ids("<|endoftext|>"),
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": ids("<|endoftext|>"),
+    }
+    text = {**_TEXT_DIMS, **token_ids, "vocab_size": len(tokenizer)}
+    top = {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+        "tie_word_embeddings": False,
+    }
+    if arch == "qwen2_5_vl":
+        # Qwen2.5-VL has no head_dim field (hidden / heads = 32) and plain mrope.
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": _MROPE_SECTION}
+        vision = {
+            **_VISION_DIMS,
+            "patch_size": 14,
+            "window_size": 112,
+            # Layer 0 uses windowed attention, layer 1 full attention: both paths run.
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
+        }
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
+
+    text["head_dim"] = _HEAD_DIM
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 5e6,
+        "mrope_section": _MROPE_SECTION,
+        "mrope_interleaved": True,
+    }
+    vision = {
+        **_VISION_DIMS,
+        "patch_size": 16,
+        # Learned position grid of 16 x 16 (must be a square number), interpolated per image.
+        "num_position_embeddings": 256,
+        # Deepstack features from both vision layers feed the first two text layers.
+        "deepstack_visual_indexes": [0, 1],
+    }
+    if arch == "qwen3_vl":
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **top)
+    text.update(
+        num_experts=4,
+        num_experts_per_tok=2,
+        # 96, not 64: with hidden 128 a 64-wide expert makes gate_up_proj square
+        # (4, 128, 128). transformers' qwen3_vl_moe loader transposes expert
+        # weights only when their shape differs from the model's, so a square
+        # tensor saved in the original (E, H, 2I) layout would load untransposed.
+        moe_intermediate_size=96,
+        decoder_sparse_step=1,
+    )
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **top)
+
+
+_MODEL_CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+}
+
+
+def _is_built(out_dir: Path, arch: str) -> bool:
+    config_file = out_dir / "config.json"
+    if not config_file.is_file():
+        return False
+    with config_file.open(encoding="utf-8") as handle:
+        model_type = json.load(handle).get("model_type")
+    # The weights are written last, so their presence means the build finished.
+    return model_type == arch and (out_dir / "model.safetensors").is_file()
+
+
+def build_tiny_model(out_dir, arch: str = "qwen3_vl", seed: int = 0) -> Path:
+    """Build a tiny random ``arch`` checkpoint with its processor into ``out_dir``.
+
+    Returns ``out_dir``; a directory already holding a finished build of the same
+    arch is returned as is.
+    """
+    import transformers
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
+    out_dir = Path(out_dir)
+    if _is_built(out_dir, arch):
+        return out_dir
+
+    tokenizer = build_tokenizer()
+    processor = _build_processor(arch, tokenizer)
+    config = _build_config(arch, tokenizer)
+
+    torch.manual_seed(seed)  # weights are initialised in the constructor
+    model = getattr(transformers, _MODEL_CLASSES[arch])(config).to(torch.float32).eval()
+    model.config.dtype = torch.float32  # recorded in config.json
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
+        pad_token_id=config.text_config.pad_token_id,
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------------

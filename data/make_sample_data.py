@@ -153,9 +153,7 @@ def draw_big_shape(rng: np.random.Generator, kind: str, color_name: str) -> Imag
     return image
 
 
-def place_small_objects(
-    rng: np.random.Generator, count: int, size: float
-) -> list[tuple[float, float]]:
+def place_small_objects(rng: np.random.Generator, count: int, size: float) -> list[tuple[float, float]]:
     """Pick ``count`` centres whose objects neither overlap nor touch.
 
     Uses a 4x4 grid of cells with jitter inside each cell: distinct cells plus
@@ -190,9 +188,7 @@ def draw_small_objects(rng: np.random.Generator, count: int) -> Image.Image:
     return image
 
 
-def draw_task_image(
-    rng: np.random.Generator, task_type: str, label: int
-) -> Image.Image:
+def draw_task_image(rng: np.random.Generator, task_type: str, label: int) -> Image.Image:
     """Draw the image whose correct option index is ``label`` for ``task_type``."""
     if task_type in ("color", "color_ko"):
         kind = COLOR_TASK_KINDS[int(rng.integers(len(COLOR_TASK_KINDS)))]
@@ -256,10 +252,7 @@ def make_split(out_dir: Path, split: str, n_rows: int, seed: int) -> pd.DataFram
     # Separate streams per split: changing --n-test does not change train.
     rng = np.random.default_rng([seed, SPLIT_SEED_OFFSET[split]])
     plan = balanced_plan(rng, n_rows)
-    rows = [
-        make_row(rng, split, index, task_type, label, out_dir)
-        for index, (task_type, label) in enumerate(plan)
-    ]
+    rows = [make_row(rng, split, index, task_type, label, out_dir) for index, (task_type, label) in enumerate(plan)]
     return pd.DataFrame(rows)
 
 

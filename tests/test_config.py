@@ -17,14 +17,22 @@ def test_explicit_values_beat_the_level():
 def test_smoke_profile_uses_the_tiny_model_on_cpu_settings():
     cfg = helpers.Config(profile="smoke")
     assert cfg.model_id == "tiny:qwen3_vl" and cfg.n_folds == 2 and cfg.image_size == 64
+    assert helpers.Config(profile="smoke", epochs=2, n_folds=5).epochs == 2  # explicit values still win
+
+
+def test_gpu_levels_default_to_qwen3_vl_8b():
+    cfg = helpers.Config(profile="safe")
+    assert cfg.model_id == "Qwen/Qwen3-VL-8B-Instruct" and cfg.n_folds == 5 and cfg.lr == 1e-4
 
 
 def test_validation_lists_every_problem_at_once():
     with pytest.raises(ValueError) as err:
-        helpers.Config(profile="huge", n_folds=1, lr=3.0, train_folds=(7,))
+        helpers.Config(profile="safe", n_folds=1, lr=3.0, train_folds=(7,), image_size=16)
     message = str(err.value)
-    for culprit in ("profile 'huge'", "n_folds must be at least 2", "lr must be in", "train_folds (7,)"):
+    for culprit in ("n_folds must be at least 2", "lr must be in", "train_folds (7,)", "image_size must be at least"):
         assert culprit in message
+    with pytest.raises(ValueError, match="profile 'huge' is not one of"):
+        helpers.Config(profile="huge")
 
 
 def test_auto_profile_picks_smoke_without_gpu(monkeypatch):

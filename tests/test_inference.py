@@ -1,0 +1,56 @@
+"""Letter scoring: batching and length sorting never change a row's probabilities or its place."""
+
+import numpy as np
+import pytest
+
+import helpers
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dirs, tmp_path_factory):
+    cfg = helpers.Config(
+        profile="smoke", model_id=str(tiny_model_dirs["qwen3_vl"]), output_dir=str(tmp_path_factory.mktemp("o"))
+    )
+    model, processor = helpers.load_model_and_processor(cfg)
+    return model, processor, cfg
+
+
+def test_batched_equals_one_by_one_and_order_is_restored(tiny, sample_data):
+    model, processor, cfg = tiny
+    rows = sample_data[0].iloc[[0, 80, 160, 240, 1, 81, 161]].reset_index(drop=True)  # mixed lengths
+    cfg.eval_batch_size = 7
+    batched = helpers.predict_proba(model, processor, rows, cfg)
+    cfg.eval_batch_size = 1
+    single = helpers.predict_proba(model, processor, rows, cfg)
+    assert batched.shape == (7, 4)
+    np.testing.assert_allclose(batched.sum(1), 1, rtol=1e-5)
+    np.testing.assert_allclose(batched, single, atol=1e-4)
+
+
+def test_option_order_is_mapped_back(tiny, sample_data):
+    """Scoring options presented as (b, c, d, a) and mapping back equals scoring each row's permuted copy."""
+    model, processor, cfg = tiny
+    rows = sample_data[0].head(4).reset_index(drop=True)
+    order = (1, 2, 3, 0)
+    mapped = helpers.letter_log_probs(model, processor, rows, cfg, order=order)
+    permuted = rows.copy()
+    for shown, original in enumerate(order):
+        permuted[helpers.LETTERS[shown]] = rows[helpers.LETTERS[original]]
+    direct = helpers.letter_log_probs(model, processor, permuted, cfg)
+    np.testing.assert_allclose(mapped[:, list(order)], direct, atol=1e-5)
+
+
+def test_tokenizer_that_splits_letters_is_rejected():
+    class Splitter:
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2]
+
+    with pytest.raises(ValueError, match="splits the option letters"):
+        helpers.letter_token_ids(Splitter())
+
+
+def test_validation_metrics():
+    log_probs = np.log(np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.6, 0.1]]))
+    metrics = helpers.validation_metrics(log_probs, helpers.pd.Series(["a", "b"]))
+    assert metrics["val_acc"] == 0.5
+    assert metrics["val_loss"] == pytest.approx(-(np.log(0.7) + np.log(0.2)) / 2)

@@ -1,0 +1,101 @@
+"""Loading through from_pretrained, LoRA placement, and what a training step may and may not change."""
+
+import pytest
+import torch
+from conftest import ARCHS
+
+import helpers
+
+CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+}
+
+
+def cfg_for(arch, tiny_model_dirs, tmp_path, **overrides):
+    return helpers.Config(profile="smoke", model_id=str(tiny_model_dirs[arch]), output_dir=str(tmp_path), **overrides)
+
+
+def one_batch(processor, rows, train=True):
+    dataset = helpers.VQADataset(rows, 64, train=train)
+    return helpers.VQACollator(processor, train=train)([dataset[i] for i in range(len(rows))])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_model_loads_back_through_the_user_path(arch, tiny_model_dirs, tmp_path, sample_data):
+    model, processor = helpers.load_model_and_processor(cfg_for(arch, tiny_model_dirs, tmp_path))
+    assert type(model).__name__ == CLASSES[arch]
+    assert model.is_activation_checkpointing and not any(p.requires_grad for p in model.parameters())
+    loss = helpers.answer_loss_sum(model, one_batch(processor, sample_data[0].head(3)))
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_build_tiny_model_is_idempotent(tiny_model_dirs):
+    path = tiny_model_dirs["qwen3_vl"]
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert helpers.build_tiny_model(path, "qwen3_vl") == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_lora_sits_on_the_language_model_only(arch, tiny_model_dirs, tmp_path):
+    cfg = cfg_for(arch, tiny_model_dirs, tmp_path)  # smoke targets include gate/up/down, shared with the vision MLP
+    model, _ = helpers.load_model_and_processor(cfg)
+    peft_model = helpers.attach_lora(model, cfg)
+    lora = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n and "language_model" in n for n in lora)
+    assert any("mlp.gate_proj" in n for n in lora)
+
+
+def test_training_step_moves_lora_and_nothing_else(tiny_model_dirs, tmp_path, sample_data):
+    cfg = cfg_for("qwen3_vl", tiny_model_dirs, tmp_path)
+    model, processor = helpers.load_model_and_processor(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = helpers.attach_lora(model, cfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batch = one_batch(processor, sample_data[0].head(4))
+    helpers.accumulate_gradients(peft_model, batch, 2, scaler, helpers.autocast_context(torch.device("cpu")))
+    optimizer.step()
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; the step moved it
+
+    base = helpers.detach_lora(peft_model)
+    after = dict(base.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_micro_batches_give_the_full_batch_gradient(tiny_model_dirs, tmp_path, sample_data):
+    cfg = cfg_for("qwen3_vl", tiny_model_dirs, tmp_path, lora_dropout=0.0)
+    model, processor = helpers.load_model_and_processor(cfg)
+    peft_model = helpers.attach_lora(model, cfg)
+    for p in peft_model.parameters():  # non-zero B so every LoRA weight gets a gradient
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = one_batch(processor, sample_data[0].head(6))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    autocast = helpers.autocast_context(torch.device("cpu"))
+    grads = []
+    for micro in (6, 1, 4):
+        peft_model.zero_grad()
+        helpers.accumulate_gradients(peft_model, batch, micro, scaler, autocast)
+        grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_answer_loss_equals_full_logits_loss(tiny_model_dirs, tmp_path, sample_data):
+    """Computing logits for the last positions only gives the same loss as the full sequence."""
+    model, processor = helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path))
+    batch = one_batch(processor, sample_data[0].head(3))
+    with torch.no_grad():
+        ours = helpers.answer_loss_sum(model, batch)
+        logits = model(**helpers.model_inputs(batch, torch.device("cpu"))).logits
+        labels = batch["labels"]
+        full = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,165 @@
+"""The training loop: a fold end to end, out-of-memory back-off, non-finite losses, and exact resume."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import ROOT
+
+import helpers
+
+
+@pytest.fixture
+def small(tmp_path, tiny_model_dirs, sample_data):
+    """24 training rows in 2 folds, micro-batch 4 x accumulation 2 (the last step of an epoch is partial)."""
+    cfg = helpers.Config(
+        profile="smoke",
+        model_id=str(tiny_model_dirs["qwen3_vl"]),
+        output_dir=str(tmp_path),
+        batch_size=4,
+        grad_accum=2,
+        epochs=2,
+        save_every_steps=2,
+    )
+    folds = helpers.make_folds(sample_data[0].head(24), cfg.n_folds, cfg.seed)
+    model, processor = helpers.load_model_and_processor(cfg)
+    return cfg, folds, model, processor
+
+
+def test_fit_trains_validates_and_keeps_the_best_adapter(small):
+    cfg, folds, model, processor = small
+    result = helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
+    fold_dir = cfg.fold_dir(0)
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert result["history"][-1]["step"] == 4  # 12 rows / 8 per step = 2 steps per epoch, partial one included
+    assert (fold_dir / "best_adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((fold_dir / "result.json").read_text())["best_val_acc"] == result["best_val_acc"]
+    assert [p.name for p in helpers.checkpoint_paths(fold_dir)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_train_folds_skips_finished_folds(small, capsys):
+    cfg, folds, model, processor = small
+    cfg.epochs = 1
+    first = helpers.train_folds(model, processor, folds, cfg)
+    second = helpers.train_folds(model, processor, folds, cfg)
+    assert "fold 0: already trained, skipped" in capsys.readouterr().out
+    assert first.equals(second)
+
+
+def fake_oom_above(limit, monkeypatch):
+    real = helpers.answer_loss_sum
+    sizes = []
+
+    def loss(model, batch):
+        sizes.append(len(batch["index"]))
+        if len(batch["index"]) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, batch)
+
+    monkeypatch.setattr(helpers, "answer_loss_sum", loss)
+    return sizes
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(small, monkeypatch, capsys):
+    cfg, folds, model, processor = small
+    cfg.epochs = 1
+    sizes = fake_oom_above(1, monkeypatch)
+    helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
+    assert sizes[:3] == [4, 2, 1]  # 4 fails, 2 fails, 1 fits
+    assert sum(s for s in sizes if s == 1) == 12  # every training row still seen once per epoch
+    assert "micro-batch now 1" in capsys.readouterr().out
+
+
+def test_out_of_memory_at_micro_batch_one_names_the_next_level(small, monkeypatch):
+    cfg, folds, model, processor = small
+    cfg.profile = "balanced"
+    fake_oom_above(0, monkeypatch)
+    with pytest.raises(RuntimeError, match="profile to 'safe'"):
+        helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
+
+
+def test_a_non_finite_loss_is_skipped_and_counted(small, monkeypatch):
+    cfg, folds, model, processor = small
+    cfg.epochs = 1
+    real = helpers.answer_loss_sum
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        value = real(model, batch)
+        return value * float("inf") if len(calls) == 1 else value
+
+    monkeypatch.setattr(helpers, "answer_loss_sum", loss)
+    peft_model = helpers.attach_lora(model, cfg)
+    result = helpers.fit(peft_model, processor, folds, 0, cfg)
+    assert result["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in peft_model.parameters())
+
+
+def test_a_run_of_non_finite_losses_stops_the_fold_with_advice(small, monkeypatch):
+    cfg, folds, model, processor = small
+    cfg.max_bad_steps, cfg.epochs = 3, 2
+    real = helpers.answer_loss_sum
+    monkeypatch.setattr(helpers, "answer_loss_sum", lambda m, b: real(m, b) * float("nan"))
+    with pytest.raises(helpers.NonFiniteLossError, match="3 non-finite losses in a row.*Lower lr"):
+        helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import helpers
+
+    crash_at = int(os.environ.get("CRASH_AT_STEP", "0"))
+    steps = []
+    real = helpers.accumulate_gradients
+
+    def counting(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == crash_at:
+            os._exit(17)  # the kernel dies mid-epoch, after the checkpoint of step 2
+        return real(*args, **kwargs)
+
+    helpers.accumulate_gradients = counting
+    cfg = helpers.Config(profile="smoke", model_id={model!r}, output_dir=sys.argv[1], batch_size=2, grad_accum=2,
+                         epochs=2, save_every_steps=2)
+    train = helpers.load_competition_data({data!r})[0].head(24)
+    folds = helpers.make_folds(train, cfg.n_folds, cfg.seed)
+    model, processor = helpers.load_model_and_processor(cfg)
+    helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
+    """
+)
+
+
+def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path, tiny_model_dirs, sample_dir):
+    script = tmp_path / "train.py"
+    model = str(tiny_model_dirs["qwen3_vl"])
+    script.write_text(RESUME_SCRIPT.format(root=str(ROOT), model=model, data=str(sample_dir)))
+
+    def run(out, crash_at=0):
+        env = {**os.environ, "CRASH_AT_STEP": str(crash_at)}
+        return subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True)
+
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    # 3 steps an epoch, a checkpoint every 2 steps and at epoch ends: dies in step 5, mid-epoch 2
+    crashed = run(tmp_path / "resumed", crash_at=5)
+    assert crashed.returncode == 17
+    checkpoints = [p.name for p in helpers.checkpoint_paths(tmp_path / "resumed" / "fold0")]
+    assert checkpoints == ["checkpoint-3", "checkpoint-4"]  # the last two kept
+    resumed = run(tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at epoch 1 step 1" in resumed.stdout
+
+    def final_weights(out):
+        return torch.load(out / "fold0" / "checkpoint-6" / "state.pt", weights_only=False)["trainable"]
+
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:  # same data order, dropout RNG and optimizer state: equal up to float rounding
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
