@@ -114,10 +114,12 @@ def find_local_model(model_id: str, roots: tuple[str, ...] = ("/kaggle/input",))
 # Memory levels for Kaggle's T4 x2 (15 GiB each). Higher levels see more image detail and train faster but need
 # more memory: if a run dies with out-of-memory, step one level down. `max_memory_gib` caps the weights placed on
 # each GPU by device_map="auto"; what it leaves free holds activations.
+# `tta_rotations` multiplies inference time (each fold scores its validation rows and the test set once per
+# rotation): `safe` already spends a Kaggle session on training, so it scores once; raise it if time is left.
 MEMORY_LEVELS = {
-    "safe": dict(image_size=384, lora_r=8, batch_size=1, grad_accum=16, max_memory_gib=9.0),
-    "balanced": dict(image_size=448, lora_r=12, batch_size=1, grad_accum=12, max_memory_gib=11.0),
-    "high": dict(image_size=512, lora_r=16, batch_size=2, grad_accum=8, max_memory_gib=12.5),
+    "safe": dict(image_size=384, lora_r=8, batch_size=1, grad_accum=16, max_memory_gib=9.0, tta_rotations=1),
+    "balanced": dict(image_size=448, lora_r=12, batch_size=1, grad_accum=12, max_memory_gib=11.0, tta_rotations=2),
+    "high": dict(image_size=512, lora_r=16, batch_size=2, grad_accum=8, max_memory_gib=12.5, tta_rotations=4),
 }
 NEXT_LOWER_LEVEL = {"high": "balanced", "balanced": "safe", "safe": "a smaller model"}
 
@@ -131,6 +133,7 @@ GPU_DEFAULTS = {
     "eval_batch_size": 8,
     "num_workers": 2,
     "save_every_steps": 50,
+    "debias_samples": 32,  # 4 x 32 extra rows scored per fold: negligible next to the test set
 }
 
 # The smoke profile: a tiny random Qwen3-VL built offline, trained on CPU on the sample data in a few minutes.
@@ -139,16 +142,18 @@ SMOKE_PROFILE = {
     "image_size": 64,
     "lora_r": 16,
     "batch_size": 8,
-    "grad_accum": 2,
+    "grad_accum": 1,
     "max_memory_gib": 0.0,
     "model_id": "tiny:qwen3_vl",
     "n_folds": 2,
-    "epochs": 12,
+    "epochs": 20,
     "lr": 2e-3,
     "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "eval_batch_size": 32,
     "num_workers": 0,
     "save_every_steps": 20,
+    "tta_rotations": 4,
+    "debias_samples": 32,
 }
 
 
@@ -161,6 +166,7 @@ class Config:
     data_dir: str | None = None  # None: search Kaggle inputs, Colab, ./data
     output_dir: str = "outputs"
     zero_shot: bool = False  # skip training and predict with the base model
+    zero_shot_baseline: bool = True  # score the base model on (a sample of) the train rows before training
 
     # Memory level (from MEMORY_LEVELS unless set here)
     image_size: int | None = None  # longest image side in pixels; vision tokens grow with its square
@@ -190,6 +196,10 @@ class Config:
     num_workers: int | None = None  # DataLoader workers running the processor in parallel with the GPU
     save_every_steps: int | None = None  # optimizer steps between resumable checkpoints
     max_bad_steps: int = 8  # consecutive non-finite losses before a fold is stopped
+
+    # Inference (section 9)
+    tta_rotations: int | None = None  # 1 (off), 2 or 4 cyclic rotations of the options, averaged; cost x rotations
+    debias_samples: int | None = None  # test rows used to estimate the model's letter prior (PriDe); 0 = off
 
     def __post_init__(self):
         preset = SMOKE_PROFILE if self.profile == "smoke" else {**GPU_DEFAULTS, **MEMORY_LEVELS.get(self.profile, {})}
@@ -221,6 +231,10 @@ class Config:
             problems.append(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.tta_rotations not in (1, 2, 4):  # evenly spaced shifts only: each option visits positions equally
+            problems.append(f"tta_rotations must be 1, 2 or 4, got {self.tta_rotations}")
+        if self.debias_samples < 0:
+            problems.append(f"debias_samples must be 0 (off) or positive, got {self.debias_samples}")
         if problems:
             raise ValueError("invalid Config:\n  - " + "\n  - ".join(problems))
 
@@ -703,6 +717,10 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# -- Mixture-of-experts weights in 4 bits (Qwen3-VL-30B-A3B) -------------------------------------------------------
+# (MOE-SECTION: filled in by the MoE loader work)
+
+
 # -- Tiny random models, built offline -------------------------------------------------------------------------------
 # Real weights cannot be downloaded everywhere (CI, air-gapped machines), so the tests and the smoke profile build a
 # complete checkpoint folder (config, safetensors weights, tokenizer, processors, the real chat template) that loads
@@ -1145,11 +1163,13 @@ def _build_config(arch: str, tokenizer):
     text.update(
         num_experts=4,
         num_experts_per_tok=2,
-        # 96, not 64: with hidden 128 a 64-wide expert makes gate_up_proj square
+        # 192, not 64: with hidden 128 a 64-wide expert makes gate_up_proj square
         # (4, 128, 128). transformers' qwen3_vl_moe loader transposes expert
         # weights only when their shape differs from the model's, so a square
         # tensor saved in the original (E, H, 2I) layout would load untransposed.
-        moe_intermediate_size=96,
+        # A multiple of 64 because bitsandbytes' CPU dequantize (tests store the
+        # experts in 4 bits on CPU) is wrong when the last dim is not.
+        moe_intermediate_size=192,
         decoder_sparse_step=1,
     )
     return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **top)
@@ -1478,11 +1498,12 @@ def letter_token_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def letter_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: tuple[int, ...] = (0, 1, 2, 3)):
+def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: tuple[int, ...] = (0, 1, 2, 3)):
     """[N, 4] log-probabilities (over the whole vocabulary) of the letters a-d as the answer's first token.
 
-    Rows are scored in batches of similar length and returned in the input order. `order` presents the options
-    permuted (for test-time augmentation); the columns are then mapped back to the original options.
+    Columns are letter POSITIONS: column j is the letter shown at position j, which holds original option order[j]
+    (`to_options` maps them back). Prior debiasing needs this letter space, before the mapping.
+    Rows are scored in batches of similar length and returned in the input order.
     On out-of-memory the batch size halves and the batch is retried.
     """
     was_training = model.training
@@ -1514,10 +1535,19 @@ def letter_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: tup
                 micro //= 2
                 tqdm.write(f"out of memory in inference: batch size now {micro}")
     model.train(was_training)
-    # column j of `out` is the letter shown at position j, which holds original option order[j]
-    restored = torch.empty_like(out)
-    restored[:, list(order)] = out
-    return restored.numpy()
+    return out.numpy()
+
+
+def to_options(values: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
+    """Columns by letter position -> columns by original option (position j shows option order[j])."""
+    restored = np.empty_like(values)
+    restored[:, list(order)] = values
+    return restored
+
+
+def letter_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: tuple[int, ...] = (0, 1, 2, 3)):
+    """[N, 4] log-probabilities of the original options a-d, with the options presented permuted by `order`."""
+    return to_options(position_log_probs(model, processor, df, cfg, order), order)
 
 
 def softmax4(log_probs: np.ndarray) -> np.ndarray:
@@ -1536,33 +1566,137 @@ def validation_metrics(log_probs: np.ndarray, answers: pd.Series) -> dict:
     }
 
 
-def predict_proba(model, processor, df: pd.DataFrame, cfg: Config) -> np.ndarray:
-    """[N, 4] probabilities of options a-d."""
-    return softmax4(letter_log_probs(model, processor, df, cfg))
+# -- Test-time augmentation and prior debiasing ----------------------------------------------------------------------
+# Models prefer some answer letters whatever the options say (Zheng et al., "Large Language Models Are Not Robust
+# Multiple Choice Selectors", ICLR 2024). Two remedies, both at inference:
+#   TTA     score the question under cyclic rotations of its options, map each back, average the probabilities.
+#           Costs one pass over the rows per rotation (4 rotations: 4x inference time).
+#   PriDe   estimate the letter prior once per model on a few unlabelled (test) rows scored under all four rotations,
+#           then divide it out of every prediction in letter space. Costs 4 x debias_samples rows per model.
+
+
+def cyclic_orders(n: int) -> list[tuple[int, ...]]:
+    """`n` evenly spaced cyclic shifts of the options: 1 -> as given; 2 -> shifts 0 and 2; 4 -> all four.
+
+    With all four, every option is shown once under every letter, so a preference for one letter adds the same to
+    every option and cancels in the average. The first order is always the original one.
+    """
+    return [tuple((shift + i) % 4 for i in range(4)) for shift in range(0, 4, 4 // n)]
+
+
+def score_orders(model, processor, df: pd.DataFrame, cfg: Config, orders: list[tuple[int, ...]]) -> np.ndarray:
+    """[len(orders), N, 4] letter-position log-probabilities, one pass over the rows per order."""
+    return np.stack([position_log_probs(model, processor, df, cfg, order) for order in orders])
+
+
+def estimate_prior(scores: np.ndarray, orders: list[tuple[int, ...]]) -> np.ndarray:
+    """PriDe's prior over the four letter positions from rows scored under every cyclic order ([4], sums to 1).
+
+    PriDe's model: log P_observed(letter j | x, order) = log prior_j + log P_debiased(option order[j] | x) + const.
+    Averaged over orders that put every option once at every position, the content term is the same for every j,
+    so softmax(mean over orders) is the row's prior (the paper's Eq. 4); the prior is its mean over rows (Eq. 5).
+    """
+    positions = np.array(orders)  # [orders, 4]: option shown at each position
+    if sorted(map(len, map(set, positions.T))) != [len(orders)] * 4 or len(orders) != 4:
+        raise ValueError(f"estimate_prior needs every option once at every position (4 cyclic orders), got {orders}")
+    return softmax4(scores.mean(0)).mean(0)
+
+
+def tta_proba(scores: np.ndarray, orders: list[tuple[int, ...]], prior: np.ndarray | None = None) -> np.ndarray:
+    """[N, 4] option probabilities: per order, the letter-position probabilities divided by `prior` (if given) and
+    renormalised over the four letters (PriDe's debiasing), mapped back to the options; then averaged over orders."""
+    log_prior = 0.0 if prior is None else np.log(prior)
+    return np.mean([to_options(softmax4(s - log_prior), o) for s, o in zip(scores, orders, strict=True)], axis=0)
+
+
+def fit_prior(model, processor, df: pd.DataFrame, cfg: Config) -> np.ndarray | None:
+    """The model's letter prior from cfg.debias_samples rows of df (no labels needed: test rows do), or None if off."""
+    if not cfg.debias_samples:
+        return None
+    rows = df.sample(n=min(cfg.debias_samples, len(df)), random_state=cfg.seed)
+    orders = cyclic_orders(4)
+    return estimate_prior(score_orders(model, processor, rows, cfg, orders), orders)
+
+
+def predict_proba(model, processor, df: pd.DataFrame, cfg: Config, prior: np.ndarray | None = None) -> np.ndarray:
+    """[N, 4] probabilities of options a-d, averaged over cfg.tta_rotations rotations, debiased by `prior` if given."""
+    orders = cyclic_orders(cfg.tta_rotations)
+    return tta_proba(score_orders(model, processor, df, cfg, orders), orders, prior)
+
+
+def variant_probs(scores: np.ndarray, orders: list[tuple[int, ...]], prior: np.ndarray | None) -> dict:
+    """Option probabilities of every inference variant the scores allow: plain, TTA, debiased, both."""
+    out = {"plain": tta_proba(scores[:1], orders[:1])}
+    if len(orders) > 1:
+        out[f"tta x{len(orders)}"] = tta_proba(scores, orders)
+    if prior is not None:
+        out["debias"] = tta_proba(scores[:1], orders[:1], prior)
+        if len(orders) > 1:
+            out[f"tta x{len(orders)} + debias"] = tta_proba(scores, orders, prior)
+    return out
+
+
+def variant_name(cfg: Config) -> str:
+    """The variant predict_proba uses under cfg, as named by variant_probs."""
+    names = [f"tta x{cfg.tta_rotations}"] if cfg.tta_rotations > 1 else []
+    names += ["debias"] if cfg.debias_samples else []
+    return " + ".join(names) or "plain"
+
+
+def answer_index(answers: pd.Series) -> np.ndarray:
+    return answers.map(LETTERS.index).to_numpy()
+
+
+def val_rows(name: str, folds: pd.DataFrame) -> pd.DataFrame:
+    """The rows a member did not train on: its fold's, or every row for the zero-shot model."""
+    return folds if name == "zeroshot" else folds[folds["fold"] == int(name[4:])]
 
 
 def predict_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> dict:
     """Per fold: out-of-fold and test probabilities from its best adapter, saved as .npy and reused on re-runs.
 
     In zero-shot mode the base model predicts once, as the single member "zeroshot".
+    Each member scores its rows under cfg.tta_rotations rotations and estimates its own letter prior on
+    cfg.debias_samples test rows; the raw letter-position scores are kept (scores.npz) so that `variant_report` can
+    compare TTA and debiasing on and off without scoring again. "oof"/"test" are the variant cfg selects, and
+    "val_acc" its out-of-fold accuracy (the member's weight in the weighted soft vote).
     """
     members = ["zeroshot"] if cfg.zero_shot else [f"fold{k}" for k in cfg.folds_to_train]
+    orders = cyclic_orders(cfg.tta_rotations)
     predictions = {}
     for name in members:
         out_dir = cfg.out / name
-        test_file, oof_file = out_dir / "test_probs.npy", out_dir / "oof_probs.npy"
-        if test_file.exists() and oof_file.exists():
-            predictions[name] = {"test": np.load(test_file), "oof": np.load(oof_file)}
-            continue
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model = base_model if cfg.zero_shot else load_adapter(base_model, out_dir / "best_adapter")
-        val = folds if cfg.zero_shot else folds[folds["fold"] == int(name[4:])]
-        oof, test_probs = predict_proba(model, processor, val, cfg), predict_proba(model, processor, test, cfg)
-        if not cfg.zero_shot:
-            base_model = detach_lora(model)
-        atomic_save_npy(oof_file, oof)
-        atomic_save_npy(test_file, test_probs)
-        predictions[name] = {"test": test_probs, "oof": oof}
+        scores_file = out_dir / "scores.npz"
+        val = val_rows(name, folds)
+        saved = {}
+        if scores_file.exists():
+            with np.load(scores_file) as stored:
+                saved = dict(stored)
+        # reuse only what was scored under the same settings: a changed tta_rotations or debias_samples rescores
+        same = saved and saved["orders"].tolist() == [list(o) for o in orders]
+        if not (same and saved["debias_samples"] == cfg.debias_samples):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            model = base_model if cfg.zero_shot else load_adapter(base_model, out_dir / "best_adapter")
+            prior = fit_prior(model, processor, test, cfg)
+            saved = {
+                "oof": score_orders(model, processor, val, cfg, orders),
+                "test": score_orders(model, processor, test, cfg, orders),
+                "prior": np.zeros(0) if prior is None else prior,
+                "orders": np.array(orders),
+                "debias_samples": np.array(cfg.debias_samples),
+            }
+            if not cfg.zero_shot:
+                base_model = detach_lora(model)
+            tmp = scores_file.with_name("scores.tmp.npz")
+            np.savez(tmp, **saved)
+            tmp.replace(scores_file)
+        prior = saved["prior"] if len(saved["prior"]) else None
+        pred = {"oof_scores": saved["oof"], "test_scores": saved["test"], "orders": orders, "prior": prior}
+        pred["oof"], pred["test"] = tta_proba(saved["oof"], orders, prior), tta_proba(saved["test"], orders, prior)
+        pred["val_acc"] = float((pred["oof"].argmax(1) == answer_index(val["answer"])).mean())
+        atomic_save_npy(out_dir / "oof_probs.npy", pred["oof"])  # the selected variant's probabilities, for users
+        atomic_save_npy(out_dir / "test_probs.npy", pred["test"])
+        predictions[name] = pred
     return predictions
 
 
@@ -1570,13 +1704,49 @@ def oof_report(predictions: dict, folds: pd.DataFrame) -> pd.DataFrame:
     """Validation accuracy of each member on the rows it did not train on, and overall."""
     rows = []
     for name, pred in predictions.items():
-        val = folds if name == "zeroshot" else folds[folds["fold"] == int(name[4:])]
-        correct = pred["oof"].argmax(1) == val["answer"].map(LETTERS.index).to_numpy()
-        rows.append({"member": name, "rows": len(val), "accuracy": correct.mean(), "correct": correct.sum()})
+        correct = pred["oof"].argmax(1) == answer_index(val_rows(name, folds)["answer"])
+        rows.append({"member": name, "rows": len(correct), "accuracy": correct.mean(), "correct": correct.sum()})
     report = pd.DataFrame(rows)
     total = {"member": "all (out-of-fold)", "rows": report["rows"].sum(), "correct": report["correct"].sum()}
     total["accuracy"] = total["correct"] / max(total["rows"], 1)
     return pd.concat([report, pd.DataFrame([total])], ignore_index=True).drop(columns="correct")
+
+
+def variant_report(predictions: dict, folds: pd.DataFrame, selected: str | None = None) -> pd.DataFrame:
+    """Out-of-fold accuracy of every inference variant (plain, TTA, debiased, both): one row per variant, one
+    column per member and "all (out-of-fold)". Honest: each row is scored by the one member that never trained on it,
+    and the letter prior comes from unlabelled test rows. `selected` (variant_name(cfg)) marks the variant in use.
+    """
+    table = {}
+    for name, pred in predictions.items():
+        target = answer_index(val_rows(name, folds)["answer"])
+        for variant, probs in variant_probs(pred["oof_scores"], pred["orders"], pred["prior"]).items():
+            table.setdefault(variant, {})[name] = probs.argmax(1) == target
+    rows = []
+    for variant, correct in table.items():
+        row = {"variant": variant, **{name: c.mean() for name, c in correct.items()}}
+        row["all (out-of-fold)"] = np.concatenate(list(correct.values())).mean()
+        rows.append(row)
+    report = pd.DataFrame(rows).set_index("variant")
+    if selected is not None:
+        report["selected"] = report.index == selected
+    return report
+
+
+def zero_shot_report(model, processor, folds: pd.DataFrame, cfg: Config, max_rows: int = 512) -> pd.DataFrame:
+    """Accuracy of the base model (before any adapter) on up to max_rows train rows, for every inference variant:
+    what fine-tuning has to beat. Costs tta_rotations x max_rows rows (+ 4 x debias_samples for the prior)."""
+    rows = folds.sample(n=min(max_rows, len(folds)), random_state=cfg.seed)
+    orders = cyclic_orders(cfg.tta_rotations)
+    prior = fit_prior(model, processor, rows, cfg)
+    target = answer_index(rows["answer"])
+    variants = variant_probs(score_orders(model, processor, rows, cfg, orders), orders, prior)
+    report = pd.DataFrame(
+        [{"variant": v, "rows": len(rows), "accuracy": (p.argmax(1) == target).mean()} for v, p in variants.items()]
+    )
+    if prior is not None:
+        print("base model's letter prior:", dict(zip(LETTERS, prior.round(3), strict=True)))
+    return report.set_index("variant")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1595,6 +1765,35 @@ def majority_vote(member_probs: list[np.ndarray]) -> np.ndarray:
 
 def soft_vote(member_probs: list[np.ndarray]) -> np.ndarray:
     return np.mean(member_probs, axis=0).argmax(-1)
+
+
+def weighted_soft_vote(member_probs: list[np.ndarray], weights) -> np.ndarray:
+    """Letter index per row with the highest weighted mean probability (weights: e.g. each fold's val accuracy).
+
+    Equal weights give soft_vote; exact ties go to the earlier letter, as in argmax.
+    """
+    weights = np.asarray(weights, dtype=float)
+    if weights.shape != (len(member_probs),) or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"need one non-negative weight per member, not all zero; got {weights.tolist()}")
+    return np.tensordot(weights / weights.sum(), np.stack(member_probs), axes=1).argmax(-1)
+
+
+def ensemble_report(predictions: dict) -> pd.DataFrame:
+    """How often the ensemble variants pick the same answer on the test set (fraction of rows, pairwise).
+
+    Their accuracies cannot be compared honestly out of fold: each train row was held out by exactly one fold, and
+    every other fold trained on it, so an ensemble's vote on it would be leaked. Compare TTA/debiasing with
+    `variant_report` (honest), and use this table to see how much the choice of ensemble matters at all: where the
+    variants agree on nearly every row, the choice cannot change the score much.
+    """
+    test_probs = [p["test"] for p in predictions.values()]
+    weights = [p["val_acc"] for p in predictions.values()]
+    choices = {
+        "majority": majority_vote(test_probs),
+        "soft": soft_vote(test_probs),
+        "weighted soft": weighted_soft_vote(test_probs, weights),
+    }
+    return pd.DataFrame({a: {b: (ca == cb).mean() for b, cb in choices.items()} for a, ca in choices.items()})
 
 
 def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame) -> None:
@@ -1621,7 +1820,8 @@ def write_submission(choices: np.ndarray, test: pd.DataFrame, sample: pd.DataFra
 
 
 def write_submissions(predictions: dict, fold_results: pd.DataFrame | None, test, sample, cfg: Config) -> dict:
-    """submission_ensemble.csv (majority vote), submission_soft.csv (mean probability), submission_single.csv."""
+    """submission_ensemble.csv (majority vote), submission_soft.csv (mean probability), submission_weighted.csv
+    (mean probability weighted by each member's out-of-fold accuracy), submission_single.csv (the best fold)."""
     names = list(predictions)
     test_probs = [predictions[n]["test"] for n in names]
     best = names[0]
@@ -1630,6 +1830,7 @@ def write_submissions(predictions: dict, fold_results: pd.DataFrame | None, test
     choices = {
         "submission_ensemble.csv": majority_vote(test_probs),
         "submission_soft.csv": soft_vote(test_probs),
+        "submission_weighted.csv": weighted_soft_vote(test_probs, [predictions[n]["val_acc"] for n in names]),
         "submission_single.csv": predictions[best]["test"].argmax(-1),
     }
     return {name: write_submission(c, test, sample, cfg.out / name) for name, c in choices.items()}
