@@ -130,7 +130,7 @@ GPU_DEFAULTS = {
     "epochs": 2,
     "lr": 1e-4,
     "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "eval_batch_size": 8,
+    "eval_batch_size": 16,  # the fastest of 8/16/32 for Qwen3-VL-2B and -8B (experiments/results/infer.json)
     "num_workers": 2,
     "save_every_steps": 50,
     "debias_samples": 32,  # 4 x 32 extra rows scored per fold: negligible next to the test set
@@ -143,7 +143,7 @@ SMOKE_PROFILE = {
     "lora_r": 16,
     "batch_size": 8,
     "grad_accum": 1,
-    "max_memory_gib": 0.0,
+    "max_memory_gib": None,  # no cap: a tiny model fits anywhere (a GPU too, where one is present)
     "model_id": "tiny:qwen3_vl",
     "n_folds": 2,
     "epochs": 20,
@@ -172,6 +172,8 @@ class Config:
     image_size: int | None = None  # longest image side in pixels; vision tokens grow with its square
     lora_r: int | None = None  # adapter rank: capacity vs. memory and time
     batch_size: int | None = None  # micro-batch per forward pass; halves itself on out-of-memory
+    auto_micro_batch: bool = True  # start at the whole effective batch and halve on out-of-memory: the largest
+    # micro-batch that fits is found in the first steps (a QLoRA step at micro-batch 1 leaves a GPU mostly idle)
     grad_accum: int | None = None  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     max_memory_gib: float | None = None  # weights per GPU for device_map="auto"; the rest holds activations
 
@@ -462,9 +464,11 @@ def build_messages(row: dict, order: tuple[int, ...] = (0, 1, 2, 3), answer: str
 def load_image(path: str, image_size: int) -> Image.Image:
     """RGB image whose longest side is at most image_size (aspect ratio kept); never upscaled."""
     with Image.open(path) as image:
-        image = image.convert("RGB")
-    image.thumbnail((image_size, image_size))
-    return image
+        # Shrink before converting: JPEGs then decode at a reduced scale (draft), and the colour conversion runs on
+        # the small image. Image loading was the largest CPU cost of a scoring pass.
+        image.draft("RGB", (image_size, image_size))
+        image.thumbnail((image_size, image_size))
+        return image.convert("RGB")
 
 
 def prompt_text(row: pd.Series | dict) -> str:
@@ -664,7 +668,10 @@ def load_model_and_processor(cfg: Config):
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = "auto"
-        kwargs["max_memory"] = {i: f"{cfg.max_memory_gib}GiB" for i in range(torch.cuda.device_count())}
+        if cfg.max_memory_gib:
+            kwargs["max_memory"] = {i: f"{cfg.max_memory_gib}GiB" for i in range(torch.cuda.device_count())}
+    if is_moe_checkpoint(model_path):  # fused experts that BitsAndBytesConfig leaves in 16 bits: see the MoE section
+        kwargs = moe_load_kwargs(model_path, kwargs)
     model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
     model.requires_grad_(False)
     model.config.use_cache = False
@@ -678,8 +685,9 @@ def load_model_and_processor(cfg: Config):
 
 
 def lora_target_regex(targets: tuple[str, ...]) -> str:
-    """Only the language model's projections: the vision tower shares names such as gate_proj in Qwen2.5-VL."""
-    return rf".*language_model.*\.({'|'.join(targets)})$"
+    """Only the language model's attention and MLP projections: the vision tower shares names such as gate_proj in
+    Qwen2.5-VL, and a Qwen3-VL-MoE's 4-bit experts hold modules named mlp.experts.parametrizations.down_proj."""
+    return rf".*language_model.*\.(self_attn|mlp)\.({'|'.join(targets)})$"
 
 
 def attach_lora(base_model, cfg: Config):
@@ -718,7 +726,225 @@ def release_memory() -> None:
 
 
 # -- Mixture-of-experts weights in 4 bits (Qwen3-VL-30B-A3B) -------------------------------------------------------
-# (MOE-SECTION: filled in by the MoE loader work)
+# BitsAndBytesConfig(load_in_4bit=True) swaps nn.Linear for bitsandbytes' Linear4bit, but Qwen3-VL-MoE keeps each
+# layer's experts as two fused 3-D nn.Parameters (mlp.experts.gate_up_proj and mlp.experts.down_proj), which it leaves
+# in 16 bits: 1.125 GiB a layer at 128 experts, 54 GiB for 48 layers, against Kaggle's 2 x 15 GiB of T4. bitsandbytes
+# can keep any parameter in NF4 behind a torch parametrization (bnb.nn.parametrize: the module reads the tensor
+# dequantized on access), 0.28 GiB a layer.
+#
+# transformers 5 already loads one tensor at a time: it reads a checkpoint tensor, converts it (qwen3_vl_moe's experts
+# are transposed from the Hub's [experts, hidden, 2 x width] layout), hands it to its quantizer's quantize op on the
+# device the device map gives it, and only then reads the next. So the MoE loader is transformers' own bitsandbytes
+# 4-bit quantizer, registered under a method name of its own (transformers' mapping for custom quantizers), that
+#   - also claims the expert tensors, so device_map="auto" budgets them at 4 bits and the loader passes them to it;
+#   - stores each with bnb's replace_parameter_4bit as it arrives (nn.Linear still goes to transformers' Linear4bit op),
+#     so no more than one 16-bit expert tensor is ever held, on the GPU or in host memory;
+#   - rebuilds them from a folder written by save_quantized_base (bnb's replace_parameter_4bit_prequantized).
+# This much is hand-rolled because neither library does it: transformers' bitsandbytes quantizer only knows Linear4bit
+# (it has no option for other parameters), and bitsandbytes' parametrization comes without a loader.
+#
+# LoRA stays on attention (lora_targets), not on the 4-bit experts: PEFT 0.21's target_parameters adds its adapter as
+# a second parametrization on top of bnb's, and on a parameter that is already parametrized it breaks (tried on CPU):
+# its fp32 path never removes the adapter after a forward pass (one more adapter stacks up every pass, with PEFT's
+# warning "Could not find any LoRA parametrization"), and with both gate_up_proj and down_proj targeted, down_proj's
+# adapter gets no gradient. Its 16-bit path would also build a dense 16-bit delta of every expert tensor each pass.
+MOE_QUANT_METHOD = "bitsandbytes_moe_4bit"
+_EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def is_expert_tensor(name: str) -> bool:
+    """A fused expert tensor of a Qwen3-VL-MoE decoder layer ([experts, out, in]), by its parameter name."""
+    return name.endswith(tuple(f".{tensor}" for tensor in _EXPERT_TENSORS))
+
+
+def _checkpoint_config(model_path: str) -> dict:
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig.get_config_dict(model_path)[0]
+
+
+def is_moe_checkpoint(model_path: str) -> bool:
+    return _checkpoint_config(model_path).get("model_type") == "qwen3_vl_moe"
+
+
+def moe_load_kwargs(model_path: str, kwargs: dict) -> dict:
+    """from_pretrained's kwargs for a Qwen3-VL-MoE checkpoint: the dense path's, with the MoE loader's quantization
+    config instead of BitsAndBytesConfig; with none for a folder save_quantized_base wrote, whose config.json has it
+    (transformers then rebuilds the 4-bit tensors instead of quantizing; a quantization_config passed, even None,
+    would replace the saved one)."""
+    config_class = register_moe_quantizer()
+    kwargs = {key: value for key, value in kwargs.items() if key != "quantization_config"}
+    if "quantization_config" not in _checkpoint_config(model_path):
+        # The dense path's settings. Linear4bit needs a GPU; on CPU nn.Linear stays fp32 as in the dense path.
+        kwargs["quantization_config"] = config_class(
+            quantize_linears=torch.cuda.is_available(),
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"],
+        )
+    return kwargs
+
+
+def register_moe_quantizer():
+    """Make MOE_QUANT_METHOD known to transformers (once per process); returns its config class."""
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    if MOE_QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        config_class, quantizer_class = _moe_quantizer_classes()
+        register_quantization_config(MOE_QUANT_METHOD)(config_class)
+        register_quantizer(MOE_QUANT_METHOD)(quantizer_class)
+    return AUTO_QUANTIZATION_CONFIG_MAPPING[MOE_QUANT_METHOD]
+
+
+def _moe_quantizer_classes():
+    """The MoE loader's config and quantizer classes, defined here because their bases live in transformers and
+    bitsandbytes, whose import helpers defers (it takes seconds)."""
+    import bitsandbytes.nn.parametrize as bnb_parametrize
+    from transformers import BitsAndBytesConfig
+    from transformers.core_model_loading import ConversionOps
+    from transformers.integrations.bitsandbytes import Bnb4bitDeserialize, Bnb4bitQuantize
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    # The flags that make transformers read a saved config as plain bitsandbytes (and skip this quantizer).
+    bnb_flags = ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit")
+
+    class MoeBnb4BitConfig(BitsAndBytesConfig):
+        """BitsAndBytesConfig in 4 bits under MOE_QUANT_METHOD; quantize_linears=False leaves nn.Linear as it is."""
+
+        def __init__(self, quantize_linears: bool = True, **kwargs):
+            for key in ("quant_method", *bnb_flags):  # present when read back from a config.json
+                kwargs.pop(key, None)
+            super().__init__(load_in_4bit=True, **kwargs)
+            self.quant_method = MOE_QUANT_METHOD
+            self.quantize_linears = quantize_linears
+
+        def to_dict(self) -> dict:
+            return {key: value for key, value in super().to_dict().items() if key not in bnb_flags}
+
+    def place_expert(model, name: str, data: torch.Tensor):
+        """Set expert parameter `name` (a meta placeholder until now) to `data`; returns its module and attribute."""
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, torch.nn.Parameter(data, requires_grad=False))
+        module._is_hf_initialized = True  # or transformers' weight init would overwrite it after loading
+        return module, attr
+
+    class QuantizeOp(ConversionOps):
+        """Expert tensors: to NF4 as each arrives; everything else (nn.Linear weights): transformers' Linear4bit op."""
+
+        def __init__(self, hf_quantizer):
+            self.hf_quantizer = hf_quantizer
+            self.linear_op = Bnb4bitQuantize(hf_quantizer)
+
+        def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
+            if not any(map(is_expert_tensor, input_dict)):
+                return self.linear_op.convert(input_dict, model=model, **kwargs)
+            config = self.hf_quantizer.quantization_config
+            for name, value in input_dict.items():
+                module, attr = place_expert(model, name, value[0] if isinstance(value, list) else value)
+                bnb_parametrize.replace_parameter_4bit(
+                    module,
+                    attr,
+                    compress_statistics=config.bnb_4bit_use_double_quant,
+                    quant_type=config.bnb_4bit_quant_type,
+                )
+                missing_keys.discard(name)  # placed here, so nothing is returned for the loader to place
+            return {}
+
+    class DeserializeOp(ConversionOps):
+        """Expert tensors: the NF4 data and statistics of a saved base back into a parametrization; everything else:
+        transformers' Linear4bit op."""
+
+        def __init__(self, hf_quantizer):
+            self.hf_quantizer = hf_quantizer  # its presence also stops the loader casting the statistics to `dtype`
+            self.linear_op = Bnb4bitDeserialize(hf_quantizer)
+
+        def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
+            if not is_expert_tensor(full_layer_name):
+                return self.linear_op.convert(input_dict, model=model, full_layer_name=full_layer_name, **kwargs)
+            tensors = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
+            data = tensors.pop(next(key for key in tensors if full_layer_name.endswith(key)))
+            module, attr = place_expert(model, full_layer_name, data)
+            bnb_parametrize.replace_parameter_4bit_prequantized(module, attr, tensors, data.device)
+            missing_keys.discard(full_layer_name)
+            return {}
+
+    class MoeBnb4BitQuantizer(Bnb4BitHfQuantizer):
+        """transformers' bitsandbytes 4-bit quantizer that also stores the fused expert tensors in NF4."""
+
+        # The names a quantized expert is saved under (bnb's parametrization writes them like Linear4bit's weight)
+        serialized_names = {
+            **Bnb4BitHfQuantizer.serialized_names,
+            **{
+                tensor: [name.replace("weight", tensor, 1) for name in Bnb4BitHfQuantizer.serialized_names["weight"]]
+                for tensor in _EXPERT_TENSORS
+            },
+        }
+
+        def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+            return is_expert_tensor(param_name) or super().param_needs_quantization(model, param_name, **kwargs)
+
+        def _process_model_before_weight_loading(self, model, device_map, **kwargs):
+            if self.quantization_config.quantize_linears:  # nn.Linear -> Linear4bit
+                super()._process_model_before_weight_loading(model, device_map, **kwargs)
+
+        def update_weight_conversions(self, weight_conversions, model):
+            if self.pre_quantized:  # a saved base holds packed experts in the model's own layout: nothing to transpose
+                experts = set(_EXPERT_TENSORS)
+                weight_conversions = [c for c in weight_conversions if not set(c.target_patterns) & experts]
+            return super().update_weight_conversions(weight_conversions, model)
+
+        def get_quantize_ops(self):
+            return QuantizeOp(self)
+
+        def get_load_operations(self) -> dict:
+            return {"deserialize": DeserializeOp}
+
+    return MoeBnb4BitConfig, MoeBnb4BitQuantizer
+
+
+def save_quantized_base(model, processor, out_dir: str | os.PathLike) -> Path:
+    """Save a base model loaded by load_model_and_processor in 4 bits, so that later sessions load `out_dir` (as
+    cfg.model_id) without reading and quantizing the 16-bit checkpoint again.
+
+    Saved: config.json with the quantization config, the generation config, the processor, and safetensors shards with
+    every tensor as the model holds it: the packed NF4 data and statistics (absmax, quant_map, ...) of the expert
+    tensors and, on a GPU, of every Linear4bit weight; the rest (router, norms, embeddings, lm_head; on CPU the
+    nn.Linear weights too) in the load dtype. Tensors keep transformers' in-memory names and layout
+    (save_original_format=False), so the folder loads only through transformers with this module's quantizer
+    registered, as load_model_and_processor does. Not saved: LoRA adapters (save_adapter), training state.
+    Pass the base model, not a PEFT model.
+    """
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, save_original_format=False)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def expert_storage(model) -> dict:
+    """Bytes of the fused expert tensors as stored (4-bit data and statistics, or plain tensors) and in 16 bits."""
+    from torch.nn.utils import parametrize
+
+    stored = fp16 = layers = 0
+    for name, module in model.named_modules():
+        if not name.endswith(".mlp.experts"):
+            continue
+        layers += 1
+        for attr in ("gate_up_proj", "down_proj"):
+            if parametrize.is_parametrized(module, attr):
+                quant_state = module.parametrizations[attr][0].quant_state
+                statistics = quant_state.as_dict(packed=True).values()
+                stored += module.parametrizations[attr].original.nbytes + sum(t.nbytes for t in statistics)
+                fp16 += 2 * quant_state.shape.numel()
+            else:
+                stored += getattr(module, attr).nbytes
+                fp16 += 2 * getattr(module, attr).numel()
+    return {"layers": layers, "stored_bytes": stored, "fp16_bytes": fp16}
 
 
 # -- Tiny random models, built offline -------------------------------------------------------------------------------
@@ -1363,7 +1589,8 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
     autocast = autocast_context(device)
 
     # -- resume
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": cfg.batch_size, "history": []}
+    micro_batch = cfg.effective_batch if cfg.auto_micro_batch else cfg.batch_size
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": micro_batch, "history": []}
     state.update({"best_accuracy": -1.0, "best_loss": float("inf"), "skipped_steps": 0})
     resumed = load_checkpoint(fold_dir, model)
     if resumed is not None:

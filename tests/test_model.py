@@ -93,7 +93,7 @@ def test_answer_loss_equals_full_logits_loss(tiny_model_dirs, tmp_path, sample_d
     batch = one_batch(processor, sample_data[0].head(3))
     with torch.no_grad():
         ours = helpers.answer_loss_sum(model, batch)
-        logits = model(**helpers.model_inputs(batch, torch.device("cpu"))).logits
+        logits = model(**helpers.model_inputs(batch, helpers.input_device(model))).logits
         labels = batch["labels"]
         full = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"

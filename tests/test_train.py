@@ -66,12 +66,22 @@ def fake_oom_above(limit, monkeypatch):
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(small, monkeypatch, capsys):
     cfg, folds, model, processor = small
-    cfg.epochs = 1
+    cfg.epochs, cfg.auto_micro_batch = 1, False
     sizes = fake_oom_above(1, monkeypatch)
     helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
-    assert sizes[:3] == [4, 2, 1]  # 4 fails, 2 fails, 1 fits
+    assert sizes[:3] == [4, 2, 1]  # batch_size 4 fails, 2 fails, 1 fits
     assert sum(s for s in sizes if s == 1) == 12  # every training row still seen once per epoch
     assert "micro-batch now 1" in capsys.readouterr().out
+
+
+def test_auto_micro_batch_finds_the_largest_that_fits(small, monkeypatch):
+    cfg, folds, model, processor = small
+    cfg.epochs = 1
+    sizes = fake_oom_above(2, monkeypatch)
+    helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
+    # starts at the effective batch (4 x 2): 8 fails, 4 fails, then micro-batches of 2 for the rest of the fold
+    assert sizes[:3] == [8, 4, 2] and set(sizes[2:]) == {2}
+    assert sum(sizes[2:]) == 12
 
 
 def test_out_of_memory_at_micro_batch_one_names_the_next_level(small, monkeypatch):

@@ -1,0 +1,57 @@
+"""Run the notebook's code cells on a GPU machine that has no Jupyter: the smoke profile end to end through the CUDA
+path (4-bit load, autocast, GradScaler), once in the GPU's own precision and once forced to fp16 as on a T4.
+
+    python experiments/run_notebook_gpu.py --out /tmp/nb          # writes <out>/<precision>/ and a summary JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "Kaggle_Qwen_VQA_AllInOne.ipynb"
+
+
+def run_cells(output_dir: Path) -> dict:
+    """Execute every code cell in order in one namespace, as "Run all" does; `display` prints."""
+    os.environ.update(VQA_PROFILE="smoke", VQA_OUTPUT_DIR=str(output_dir))
+    namespace = {"display": print, "__name__": "__main__"}
+    cells = [c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
+    for cell in cells:
+        exec("".join(cell["source"]), namespace)  # noqa: S102 (the notebook's own code)
+    results = [json.loads(p.read_text()) for p in sorted(output_dir.glob("fold*/result.json"))]
+    return {
+        "best_val_acc": [r["best_val_acc"] for r in results],
+        "skipped_steps": [r["skipped_steps"] for r in results],
+        "submission_rows": len((output_dir / "submission_ensemble.csv").read_text().splitlines()) - 1,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    import helpers
+
+    summary = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    native = helpers.compute_dtype
+    for precision, dtype_fn in (("native", native), ("fp16", lambda: torch.float16)):
+        helpers.compute_dtype = dtype_fn  # fp16: what a T4 (no bf16) computes in, with the GradScaler on
+        start = time.perf_counter()
+        summary[precision] = run_cells(Path(args.out) / precision)
+        summary[precision].update(dtype=str(dtype_fn()), seconds=time.perf_counter() - start)
+        print(precision, summary[precision], flush=True)
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
