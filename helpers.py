@@ -202,6 +202,9 @@ class Config:
     # Inference (section 9)
     tta_rotations: int | None = None  # 1 (off), 2 or 4 cyclic rotations of the options, averaged; cost x rotations
     debias_samples: int | None = None  # test rows used to estimate the model's letter prior (PriDe); 0 = off
+    select_variant: bool = True  # submit the variant (plain, TTA, debiased) with the best out-of-fold accuracy;
+    # False: always the fullest one scored. TTA only helps a model that reads the options, not one that learned their
+    # positions (the smoke model), and debiasing helps only where the model has a letter prior.
 
     def __post_init__(self):
         preset = SMOKE_PROFILE if self.profile == "smoke" else {**GPU_DEFAULTS, **MEMORY_LEVELS.get(self.profile, {})}
@@ -1745,20 +1748,22 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     batches = [by_length[i : i + batch_size].tolist() for i in range(0, len(df), batch_size)]
     out = torch.empty(len(df), 4)
     autocast = autocast_context(device)
+    micro = batch_size  # halved on out-of-memory, and kept for the batches after
     for batch in tqdm(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
-        done = False
-        micro = len(batch["index"])
-        while not done:
+        while True:
             try:
                 for chunk in split_batch(batch, micro):
                     with autocast():
                         logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
                     out[chunk["index"]] = logits.float().log_softmax(-1)[:, letter_ids.to(logits.device)].cpu()
-                done = True
+                break
             except torch.OutOfMemoryError:
                 release_memory()
                 if micro == 1:
-                    raise
+                    raise RuntimeError(
+                        f"out of memory in inference at batch size 1 (image_size {cfg.image_size}): set the Config "
+                        f"cell's profile to {NEXT_LOWER_LEVEL.get(cfg.profile, 'safe')!r}"
+                    ) from None
                 micro //= 2
                 tqdm.write(f"out of memory in inference: batch size now {micro}")
     model.train(was_training)
@@ -1885,8 +1890,9 @@ def predict_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame
     In zero-shot mode the base model predicts once, as the single member "zeroshot".
     Each member scores its rows under cfg.tta_rotations rotations and estimates its own letter prior on
     cfg.debias_samples test rows; the raw letter-position scores are kept (scores.npz) so that `variant_report` can
-    compare TTA and debiasing on and off without scoring again. "oof"/"test" are the variant cfg selects, and
-    "val_acc" its out-of-fold accuracy (the member's weight in the weighted soft vote).
+    compare TTA and debiasing on and off without scoring again. "oof"/"test" are the probabilities of one variant
+    for every member: with cfg.select_variant the one with the best out-of-fold accuracy (`choose_variant`), else
+    the fullest scored (variant_name(cfg)); "val_acc" is its out-of-fold accuracy (the weight in the weighted vote).
     """
     members = ["zeroshot"] if cfg.zero_shot else [f"fold{k}" for k in cfg.folds_to_train]
     orders = cyclic_orders(cfg.tta_rotations)
@@ -1918,13 +1924,24 @@ def predict_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame
             np.savez(tmp, **saved)
             tmp.replace(scores_file)
         prior = saved["prior"] if len(saved["prior"]) else None
-        pred = {"oof_scores": saved["oof"], "test_scores": saved["test"], "orders": orders, "prior": prior}
-        pred["oof"], pred["test"] = tta_proba(saved["oof"], orders, prior), tta_proba(saved["test"], orders, prior)
-        pred["val_acc"] = float((pred["oof"].argmax(1) == answer_index(val["answer"])).mean())
-        atomic_save_npy(out_dir / "oof_probs.npy", pred["oof"])  # the selected variant's probabilities, for users
-        atomic_save_npy(out_dir / "test_probs.npy", pred["test"])
-        predictions[name] = pred
+        predictions[name] = {"oof_scores": saved["oof"], "test_scores": saved["test"], "orders": orders, "prior": prior}
+
+    variant = choose_variant(predictions, folds) if cfg.select_variant else variant_name(cfg)
+    for name, pred in predictions.items():
+        pred["variant"] = variant
+        pred["oof"] = variant_probs(pred["oof_scores"], orders, pred["prior"])[variant]
+        pred["test"] = variant_probs(pred["test_scores"], orders, pred["prior"])[variant]
+        pred["val_acc"] = float((pred["oof"].argmax(1) == answer_index(val_rows(name, folds)["answer"])).mean())
+        atomic_save_npy(cfg.out / name / "oof_probs.npy", pred["oof"])  # the chosen variant's probabilities
+        atomic_save_npy(cfg.out / name / "test_probs.npy", pred["test"])
     return predictions
+
+
+def choose_variant(predictions: dict, folds: pd.DataFrame) -> str:
+    """The inference variant with the best out-of-fold accuracy over all members; on a tie the simplest (plain
+    first), as TTA costs time and the prior is an estimate. Chosen on the same rows it is then reported on, so its
+    accuracy in variant_report is slightly optimistic; with a few hundred rows or more the difference is small."""
+    return variant_report(predictions, folds)["all (out-of-fold)"].idxmax()  # idxmax: the first maximum
 
 
 def oof_report(predictions: dict, folds: pd.DataFrame) -> pd.DataFrame:
@@ -1939,10 +1956,10 @@ def oof_report(predictions: dict, folds: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([report, pd.DataFrame([total])], ignore_index=True).drop(columns="correct")
 
 
-def variant_report(predictions: dict, folds: pd.DataFrame, selected: str | None = None) -> pd.DataFrame:
+def variant_report(predictions: dict, folds: pd.DataFrame) -> pd.DataFrame:
     """Out-of-fold accuracy of every inference variant (plain, TTA, debiased, both): one row per variant, one
     column per member and "all (out-of-fold)". Honest: each row is scored by the one member that never trained on it,
-    and the letter prior comes from unlabelled test rows. `selected` (variant_name(cfg)) marks the variant in use.
+    and the letter prior comes from unlabelled test rows. Once predict_folds has chosen, "selected" marks its choice.
     """
     table = {}
     for name, pred in predictions.items():
@@ -1955,8 +1972,9 @@ def variant_report(predictions: dict, folds: pd.DataFrame, selected: str | None 
         row["all (out-of-fold)"] = np.concatenate(list(correct.values())).mean()
         rows.append(row)
     report = pd.DataFrame(rows).set_index("variant")
-    if selected is not None:
-        report["selected"] = report.index == selected
+    chosen = next(iter(predictions.values())).get("variant")
+    if chosen is not None:
+        report["selected"] = report.index == chosen
     return report
 
 

@@ -54,3 +54,26 @@ def test_validation_metrics():
     metrics = helpers.validation_metrics(log_probs, helpers.pd.Series(["a", "b"]))
     assert metrics["val_acc"] == 0.5
     assert metrics["val_loss"] == pytest.approx(-(np.log(0.7) + np.log(0.2)) / 2)
+
+
+def test_out_of_memory_halves_the_inference_batch_and_keeps_it(tiny, sample_data, monkeypatch, capsys):
+    model, processor, cfg = tiny
+    rows = sample_data[0].head(12).reset_index(drop=True)
+    cfg.eval_batch_size = 4
+    expected = helpers.letter_log_probs(model, processor, rows, cfg)
+    real, sizes = helpers.model_inputs, []
+
+    def inputs(batch, device):
+        sizes.append(len(batch["index"]))
+        if len(batch["index"]) > 1:
+            raise helpers.torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(batch, device)
+
+    monkeypatch.setattr(helpers, "model_inputs", inputs)
+    np.testing.assert_allclose(helpers.letter_log_probs(model, processor, rows, cfg), expected, atol=1e-5)
+    assert sizes == [4, 2] + [1] * 12  # the smaller batch is kept: no out-of-memory again on later batches
+    assert "batch size now 1" in capsys.readouterr().out
+
+    monkeypatch.setattr(helpers, "model_inputs", lambda batch, device: inputs({"index": [0, 1]}, device))
+    with pytest.raises(RuntimeError, match="inference at batch size 1.*profile to"):
+        helpers.letter_log_probs(model, processor, rows, cfg)

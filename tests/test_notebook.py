@@ -4,6 +4,7 @@ import ast
 import json
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT
@@ -82,6 +83,15 @@ def test_notebook_runs_end_to_end_and_twice_without_retraining(tmp_path, sample_
         assert result["best_val_acc"] >= 0.6, result  # chance is 0.25
         assert (tmp_path / f"fold{fold}" / "test_probs.npy").exists()
     assert (tmp_path / "folds.csv").exists() and (tmp_path / "eda" / "answers.png").exists()
+    # The submitted variant (plain, TTA or debiased, chosen out of fold) is as good as the folds: the smoke model
+    # learned the options' positions, so four-way rotation TTA would bring it back to chance.
+    folds = pd.read_csv(tmp_path / "folds.csv", dtype={"id": str}).merge(sample_data[0][["id", "answer"]], on="id")
+    correct = [
+        np.load(tmp_path / f"fold{k}" / "oof_probs.npy").argmax(1)
+        == folds.loc[folds["fold"] == k, "answer"].map("abcd".index)
+        for k in (0, 1)
+    ]
+    assert np.concatenate(correct).mean() >= 0.6
 
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("fold*/best_adapter/*")}
     rerun = run_notebook(tmp_path)
