@@ -679,7 +679,7 @@ def load_model_and_processor(cfg: Config):
     model.requires_grad_(False)
     model.config.use_cache = False
     # Non-reentrant checkpointing works with frozen inputs and LoRA without enable_input_require_grads hacks.
-    # transformers 5.2x renamed gradient checkpointing "activation checkpointing"; 5.17 knows only the old name.
+    # transformers 5.23 renamed gradient checkpointing "activation checkpointing"; 5.21 and 5.22 know only the old name.
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
