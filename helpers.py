@@ -130,7 +130,7 @@ GPU_DEFAULTS = {
     "epochs": 2,
     "lr": 1e-4,
     "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "eval_batch_size": 16,  # the fastest of 8/16/32 for Qwen3-VL-2B and -8B (experiments/results/infer.json)
+    "eval_batch_size": 32,  # the fastest of 16/32 for Qwen3-VL-2B and -8B (experiments/results/infer.json)
     "num_workers": 2,
     "save_every_steps": 50,
     "debias_samples": 32,  # 4 x 32 extra rows scored per fold: negligible next to the test set
