@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pandas as pd
 import pytest
 import torch
 from conftest import ROOT
@@ -173,3 +174,22 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path, tiny
     assert a.keys() == b.keys()
     for key in a:  # same data order, dropout RNG and optimizer state: equal up to float rounding
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_folds_trained_side_by_side_equal_folds_trained_in_turn(small, tmp_path):
+    """train_folds_on_gpus (one process per GPU; here two processes on the CPU) trains each fold exactly as
+    train_folds does one after the other: same folds, same metrics, same adapter weights."""
+    from safetensors.torch import load_file
+
+    cfg, folds, model, processor = small
+    cfg.epochs = 1
+    in_turn = helpers.train_folds(model, processor, folds, cfg)
+    side_by_side_cfg = helpers.Config(**{**vars(cfg), "output_dir": str(tmp_path / "side_by_side")})
+    side_by_side = helpers.train_folds_on_gpus(folds, side_by_side_cfg, processes=2)
+    pd.testing.assert_frame_equal(side_by_side, in_turn)
+    for fold in (0, 1):
+        a = load_file(cfg.fold_dir(fold) / "best_adapter" / "adapter_model.safetensors")
+        b = load_file(side_by_side_cfg.fold_dir(fold) / "best_adapter" / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
