@@ -123,6 +123,7 @@ MEMORY_LEVELS = {
 }
 NEXT_LOWER_LEVEL = {"high": "balanced", "balanced": "safe", "safe": "a smaller model"}
 
+
 # What the memory levels share. Kaggle's 9-12 h session fits about 5 folds x 2 epochs of an 8B model at `safe`.
 GPU_DEFAULTS = {
     "model_id": "Qwen/Qwen3-VL-8B-Instruct",
@@ -1490,6 +1491,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def out_of_memory_at_one(cfg: Config, where: str) -> RuntimeError:
+    """The error for an out-of-memory that halving cannot fix any more: it names the level to step down to."""
+    return RuntimeError(
+        f"out of memory {where} (image_size {cfg.image_size}): set the Config cell's profile to "
+        f"{NEXT_LOWER_LEVEL.get(cfg.profile, 'safe')!r}"
+    )
+
+
 def accumulate_gradients(model, batch: dict, micro_batch: int, scaler, autocast) -> float:
     """Forward and backward over one optimizer step's batch in micro-batches; returns the mean token loss.
 
@@ -1635,10 +1644,7 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     release_memory()
                     if state["micro_batch"] == 1:
-                        raise RuntimeError(
-                            f"out of memory at micro-batch 1 (image_size {cfg.image_size}): set the Config cell's "
-                            f"profile to {NEXT_LOWER_LEVEL.get(cfg.profile, 'safe')!r}"
-                        ) from None
+                        raise out_of_memory_at_one(cfg, "at micro-batch 1") from None
                     state["micro_batch"] //= 2
                     tqdm.write(f"out of memory: micro-batch now {state['micro_batch']}, gradient accumulation doubled")
 
@@ -1799,10 +1805,7 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
             except torch.OutOfMemoryError:
                 release_memory()
                 if micro == 1:
-                    raise RuntimeError(
-                        f"out of memory in inference at batch size 1 (image_size {cfg.image_size}): set the Config "
-                        f"cell's profile to {NEXT_LOWER_LEVEL.get(cfg.profile, 'safe')!r}"
-                    ) from None
+                    raise out_of_memory_at_one(cfg, "in inference at batch size 1") from None
                 micro //= 2
                 tqdm.write(f"out of memory in inference: batch size now {micro}")
     model.train(was_training)
