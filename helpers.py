@@ -1728,10 +1728,13 @@ def train_folds(base_model, processor, folds: pd.DataFrame, cfg: Config) -> pd.D
     return pd.DataFrame(results).drop(columns="history")
 
 
-def train_folds_on_gpus(folds: pd.DataFrame, cfg: Config, processes: int | None = None) -> pd.DataFrame:
+def train_folds_on_gpus(
+    folds: pd.DataFrame, test: pd.DataFrame, cfg: Config, processes: int | None = None
+) -> pd.DataFrame:
     """train_folds on every visible GPU at once: one process per GPU, each loading its own copy of the model on its
-    GPU and training every n-th fold. For models that fit one GPU (Qwen3-VL-8B: 6 GiB in 4 bits, measured); the 30B
-    MoE model needs both GPUs for one copy and trains with train_folds.
+    GPU, training every n-th fold and scoring it (score_member: predict_folds then finds the scores saved).
+    For models that fit one GPU (Qwen3-VL-8B: 6 GiB in 4 bits, measured); the 30B MoE model needs both GPUs for one
+    copy and trains with train_folds.
 
     Why not DDP: K folds are independent, so training them side by side needs no gradient exchange at all, and each
     fold's adapter is exactly the one a single GPU would train. Resumes like train_folds (finished folds skipped).
@@ -1740,12 +1743,12 @@ def train_folds_on_gpus(folds: pd.DataFrame, cfg: Config, processes: int | None 
     import torch.multiprocessing as mp
 
     processes = processes or torch.cuda.device_count()
-    mp.start_processes(_train_share, args=(processes, folds, cfg), nprocs=processes, start_method="spawn")
+    mp.start_processes(_train_share, args=(processes, folds, test, cfg), nprocs=processes, start_method="spawn")
     results = [json.loads((cfg.fold_dir(fold) / "result.json").read_text()) for fold in cfg.folds_to_train]
     return pd.DataFrame(results).drop(columns="history")
 
 
-def _train_share(rank: int, processes: int, folds: pd.DataFrame, cfg: Config) -> None:
+def _train_share(rank: int, processes: int, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> None:
     """One train_folds_on_gpus process: its own model on GPU `rank`, and folds rank, rank + processes, ..."""
     share = dataclasses.replace(
         cfg,
@@ -1758,6 +1761,8 @@ def _train_share(rank: int, processes: int, folds: pd.DataFrame, cfg: Config) ->
     if share.train_folds:
         model, processor = load_model_and_processor(share)
         train_folds(model, processor, folds, share)
+        for fold in share.train_folds:
+            score_member(model, processor, f"fold{fold}", folds, test, share)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1940,31 +1945,7 @@ def predict_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame
     orders = cyclic_orders(cfg.tta_rotations)
     predictions = {}
     for name in members:
-        out_dir = cfg.out / name
-        scores_file = out_dir / "scores.npz"
-        val = val_rows(name, folds)
-        saved = {}
-        if scores_file.exists():
-            with np.load(scores_file) as stored:
-                saved = dict(stored)
-        # reuse only what was scored under the same settings: a changed tta_rotations or debias_samples rescores
-        same = saved and saved["orders"].tolist() == [list(o) for o in orders]
-        if not (same and saved["debias_samples"] == cfg.debias_samples):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            model = base_model if cfg.zero_shot else load_adapter(base_model, out_dir / "best_adapter")
-            prior = fit_prior(model, processor, test, cfg)
-            saved = {
-                "oof": score_orders(model, processor, val, cfg, orders),
-                "test": score_orders(model, processor, test, cfg, orders),
-                "prior": np.zeros(0) if prior is None else prior,
-                "orders": np.array(orders),
-                "debias_samples": np.array(cfg.debias_samples),
-            }
-            if not cfg.zero_shot:
-                base_model = detach_lora(model)
-            tmp = scores_file.with_name("scores.tmp.npz")
-            np.savez(tmp, **saved)
-            tmp.replace(scores_file)
+        saved = score_member(base_model, processor, name, folds, test, cfg)
         prior = saved["prior"] if len(saved["prior"]) else None
         predictions[name] = {"oof_scores": saved["oof"], "test_scores": saved["test"], "orders": orders, "prior": prior}
 
@@ -1977,6 +1958,36 @@ def predict_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame
         atomic_save_npy(cfg.out / name / "oof_probs.npy", pred["oof"])  # the chosen variant's probabilities
         atomic_save_npy(cfg.out / name / "test_probs.npy", pred["test"])
     return predictions
+
+
+def score_member(base_model, processor, name: str, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> dict:
+    """One member's raw scores: its out-of-fold rows and the test set under every rotation ([orders, N, 4] letter
+    positions), and its letter prior. Saved in <member>/scores.npz and reused while tta_rotations and debias_samples
+    stay the same (a change rescores), so a re-run, or predict_folds after train_folds_on_gpus scored, costs nothing.
+    """
+    orders = cyclic_orders(cfg.tta_rotations)
+    scores_file = cfg.out / name / "scores.npz"
+    if scores_file.exists():
+        with np.load(scores_file) as stored:
+            saved = dict(stored)
+        if saved["orders"].tolist() == [list(o) for o in orders] and saved["debias_samples"] == cfg.debias_samples:
+            return saved
+    scores_file.parent.mkdir(parents=True, exist_ok=True)
+    model = base_model if name == "zeroshot" else load_adapter(base_model, cfg.out / name / "best_adapter")
+    prior = fit_prior(model, processor, test, cfg)
+    saved = {
+        "oof": score_orders(model, processor, val_rows(name, folds), cfg, orders),
+        "test": score_orders(model, processor, test, cfg, orders),
+        "prior": np.zeros(0) if prior is None else prior,
+        "orders": np.array(orders),
+        "debias_samples": np.array(cfg.debias_samples),
+    }
+    if name != "zeroshot":
+        detach_lora(model)  # the base model, as it came (unload restores it in place)
+    tmp = scores_file.with_name("scores.tmp.npz")
+    np.savez(tmp, **saved)
+    tmp.replace(scores_file)
+    return saved
 
 
 def choose_variant(predictions: dict, folds: pd.DataFrame) -> str:

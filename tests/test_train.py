@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -176,20 +177,29 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path, tiny
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
-def test_folds_trained_side_by_side_equal_folds_trained_in_turn(small, tmp_path):
-    """train_folds_on_gpus (one process per GPU; here two processes on the CPU) trains each fold exactly as
-    train_folds does one after the other: same folds, same metrics, same adapter weights."""
+def test_folds_trained_side_by_side_equal_folds_trained_in_turn(small, sample_data, tmp_path, monkeypatch):
+    """train_folds_on_gpus (one process per GPU; here two processes on the CPU) trains and scores each fold exactly
+    as train_folds and predict_folds do one after the other: same metrics, adapter weights and scores."""
     from safetensors.torch import load_file
 
     cfg, folds, model, processor = small
-    cfg.epochs = 1
+    cfg.epochs, cfg.tta_rotations, cfg.debias_samples = 1, 2, 4
+    test = sample_data[1].head(6)
     in_turn = helpers.train_folds(model, processor, folds, cfg)
-    side_by_side_cfg = helpers.Config(**{**vars(cfg), "output_dir": str(tmp_path / "side_by_side")})
-    side_by_side = helpers.train_folds_on_gpus(folds, side_by_side_cfg, processes=2)
+    in_turn_predictions = helpers.predict_folds(model, processor, folds, test, cfg)
+    side_cfg = helpers.Config(**{**vars(cfg), "output_dir": str(tmp_path / "side_by_side")})
+    side_by_side = helpers.train_folds_on_gpus(folds, test, side_cfg, processes=2)
     pd.testing.assert_frame_equal(side_by_side, in_turn)
+
+    monkeypatch.setattr(helpers, "score_orders", None)  # predict_folds must find every score already saved
+    side_predictions = helpers.predict_folds(model, processor, folds, test, side_cfg)
     for fold in (0, 1):
         a = load_file(cfg.fold_dir(fold) / "best_adapter" / "adapter_model.safetensors")
-        b = load_file(side_by_side_cfg.fold_dir(fold) / "best_adapter" / "adapter_model.safetensors")
+        b = load_file(side_cfg.fold_dir(fold) / "best_adapter" / "adapter_model.safetensors")
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+        for key in ("oof_scores", "test_scores"):
+            np.testing.assert_allclose(
+                side_predictions[f"fold{fold}"][key], in_turn_predictions[f"fold{fold}"][key], atol=1e-5
+            )
