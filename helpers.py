@@ -1705,6 +1705,11 @@ def fold_is_trained(cfg: Config, fold: int) -> bool:
     return (cfg.fold_dir(fold) / "result.json").exists()
 
 
+def fold_result(cfg: Config, fold: int) -> dict:
+    """A finished fold's result.json: best validation accuracy and loss, skipped steps, history."""
+    return json.loads((cfg.fold_dir(fold) / "result.json").read_text())
+
+
 def save_adapter(model, path: Path) -> None:
     """Adapter weights only (a few MB), replaced atomically."""
     tmp = path.with_name(path.name + ".tmp")
@@ -1720,7 +1725,7 @@ def train_folds(base_model, processor, folds: pd.DataFrame, cfg: Config) -> pd.D
     for fold in cfg.folds_to_train:
         if fold_is_trained(cfg, fold):
             print(f"fold {fold}: already trained, skipped")
-            results.append(json.loads((cfg.fold_dir(fold) / "result.json").read_text()))
+            results.append(fold_result(cfg, fold))
             continue
         model = attach_lora(base_model, cfg)
         results.append(fit(model, processor, folds, fold, cfg))
@@ -1744,8 +1749,7 @@ def train_folds_on_gpus(
 
     processes = processes or torch.cuda.device_count()
     mp.start_processes(_train_share, args=(processes, folds, test, cfg), nprocs=processes, start_method="spawn")
-    results = [json.loads((cfg.fold_dir(fold) / "result.json").read_text()) for fold in cfg.folds_to_train]
-    return pd.DataFrame(results).drop(columns="history")
+    return pd.DataFrame([fold_result(cfg, fold) for fold in cfg.folds_to_train]).drop(columns="history")
 
 
 def _train_share(rank: int, processes: int, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> None:
@@ -1897,12 +1901,6 @@ def fit_prior(model, processor, df: pd.DataFrame, cfg: Config) -> np.ndarray | N
     return estimate_prior(score_orders(model, processor, rows, cfg, orders), orders)
 
 
-def predict_proba(model, processor, df: pd.DataFrame, cfg: Config, prior: np.ndarray | None = None) -> np.ndarray:
-    """[N, 4] probabilities of options a-d, averaged over cfg.tta_rotations rotations, debiased by `prior` if given."""
-    orders = cyclic_orders(cfg.tta_rotations)
-    return tta_proba(score_orders(model, processor, df, cfg, orders), orders, prior)
-
-
 def variant_probs(scores: np.ndarray, orders: list[tuple[int, ...]], prior: np.ndarray | None) -> dict:
     """Option probabilities of every inference variant the scores allow: plain, TTA, debiased, both."""
     out = {"plain": tta_proba(scores[:1], orders[:1])}
@@ -1916,7 +1914,7 @@ def variant_probs(scores: np.ndarray, orders: list[tuple[int, ...]], prior: np.n
 
 
 def variant_name(cfg: Config) -> str:
-    """The variant predict_proba uses under cfg, as named by variant_probs."""
+    """The fullest variant cfg scores (TTA and debiasing as configured), as named by variant_probs."""
     names = [f"tta x{cfg.tta_rotations}"] if cfg.tta_rotations > 1 else []
     names += ["debias"] if cfg.debias_samples else []
     return " + ".join(names) or "plain"

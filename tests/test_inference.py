@@ -18,10 +18,15 @@ def tiny(tiny_model_dirs, tmp_path_factory):
 def test_batched_equals_one_by_one_and_order_is_restored(tiny, sample_data):
     model, processor, cfg = tiny
     rows = sample_data[0].iloc[[0, 80, 160, 240, 1, 81, 161]].reset_index(drop=True)  # mixed lengths
+    orders = helpers.cyclic_orders(cfg.tta_rotations)  # the smoke profile's four rotations, as predict_folds scores
+
+    def option_probs():
+        return helpers.tta_proba(helpers.score_orders(model, processor, rows, cfg, orders), orders)
+
     cfg.eval_batch_size = 7
-    batched = helpers.predict_proba(model, processor, rows, cfg)
+    batched = option_probs()
     cfg.eval_batch_size = 1
-    single = helpers.predict_proba(model, processor, rows, cfg)
+    single = option_probs()
     assert batched.shape == (7, 4)
     np.testing.assert_allclose(batched.sum(1), 1, rtol=1e-5)
     np.testing.assert_allclose(batched, single, atol=1e-4)
