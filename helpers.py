@@ -27,7 +27,9 @@ import os
 import random
 import shutil
 import sys
+import types
 import unicodedata
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -684,6 +686,7 @@ def load_model_and_processor(cfg: Config):
     if is_moe_checkpoint(model_path):  # fused experts that BitsAndBytesConfig leaves in 16 bits: see the MoE section
         kwargs = moe_load_kwargs(model_path, kwargs)
     model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
+    batch_vision_attention(model)
     model.requires_grad_(False)
     model.config.use_cache = False
     # Non-reentrant checkpointing works with frozen inputs and LoRA without enable_input_require_grads hacks.
@@ -693,6 +696,45 @@ def load_model_and_processor(cfg: Config):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
+
+
+# -- Vision attention over all images at once ------------------------------------------------------------------------
+# Without FlashAttention (a T4 has none) transformers' Qwen-VL vision towers run attention image by image, and
+# Qwen2.5-VL window by window: one small SDPA call each, so 27 layers x 32 images = 864 calls per batch of Qwen3-VL-8B.
+# On an H100 those launches left the GPU waiting for the CPU through a third of a scoring pass (profile_infer.py).
+# Images (or windows) with the same number of patches are independent attention problems of the same shape, so each
+# such group goes through one batched SDPA call. Same weights, same result (tests/test_model.py compares both).
+VISION_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention", "Qwen3VLMoeVisionAttention")
+
+
+def batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """Forward of a Qwen-VL vision attention module (bound to it) with one SDPA call per sequence length."""
+    tokens = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(tokens, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision  # the model file's own rotary embedding
+    q, k = rotary(q, k, cos, sin)
+    out = None  # [tokens, heads, head_dim], in the dtype SDPA returns (autocast may lower it)
+    starts_by_length = defaultdict(list)
+    for start, length in zip(cu_seqlens[:-1].tolist(), cu_seqlens.diff().tolist(), strict=True):
+        starts_by_length[length].append(start)
+    for length, starts in starts_by_length.items():
+        rows = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).flatten()
+        shape = (len(starts), length)  # -> [sequences, heads, length, head_dim] for SDPA
+        group_q, group_k, group_v = (x[rows].unflatten(0, shape).transpose(1, 2) for x in (q, k, v))
+        attended = F.scaled_dot_product_attention(group_q, group_k, group_v, scale=self.scaling)
+        if out is None:
+            out = attended.new_empty(q.shape)
+        out[rows] = attended.transpose(1, 2).flatten(0, 1)
+    return self.proj(out.reshape(tokens, -1))
+
+
+def batch_vision_attention(model) -> int:
+    """Give every vision attention module of a Qwen-VL model the batched forward; returns how many it changed."""
+    modules = [m for m in model.modules() if type(m).__name__ in VISION_ATTENTION_CLASSES]
+    for module in modules:
+        module.forward = types.MethodType(batched_vision_attention_forward, module)
+    return len(modules)
 
 
 def lora_target_regex(targets: tuple[str, ...]) -> str:
@@ -1789,6 +1831,9 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     (`to_options` maps them back). Prior debiasing needs this letter space, before the mapping.
     Rows are scored in batches of similar length and returned in the input order.
     On out-of-memory the batch size halves and the batch is retried.
+    No autocast here: the model already computes in bf16/fp16 (4-bit layers dequantize to it, the rest is loaded in
+    it; fp32 LoRA layers cast their own input). Under autocast, LayerNorms return fp32, which bitsandbytes hands back
+    in fp32 too: the casts back and forth cost a tenth of a scoring pass (experiments/profile_infer.py).
     """
     was_training = model.training
     model.eval()
@@ -1801,14 +1846,12 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     batch_size = cfg.eval_batch_size
     batches = [by_length[i : i + batch_size].tolist() for i in range(0, len(df), batch_size)]
     out = torch.empty(len(df), 4)
-    autocast = autocast_context(device)
     micro = batch_size  # halved on out-of-memory, and kept for the batches after
     for batch in tqdm(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
         while True:
             try:
                 for chunk in split_batch(batch, micro):
-                    with autocast():
-                        logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
+                    logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
                     out[chunk["index"]] = logits.float().log_softmax(-1)[:, letter_ids.to(logits.device)].cpu()
                 break
             except torch.OutOfMemoryError:

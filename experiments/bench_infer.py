@@ -53,7 +53,7 @@ def original_way(model, processor, df, cfg, warmup: int) -> dict:
     letter_ids = helpers.letter_token_ids(processor.tokenizer)
     rows = df.to_dict("records")
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), common.image_by_image_vision_attention(model):
         for row in rows[:warmup]:
             generate_one(model, processor, row, cfg.image_size, letter_ids)
         common.sync()

@@ -172,7 +172,9 @@ def original_way(model, processor, cfg, rows: list[dict], batches, steps: int, i
     warmup = [[rows[i] for i in batches[0][:2]]]  # two samples and an optimizer step: kernels, AdamW state
     timed = [[rows[i] for i in b] for b in batches[1 : 1 + steps]]
     model.train()
-    result = measure(lambda b: original_step(model, processor, b, opt), warmup, timed, info["decoder_params"], tflops)
+    with common.image_by_image_vision_attention(model):
+        step = lambda b: original_step(model, processor, b, opt)  # noqa: E731
+        result = measure(step, warmup, timed, info["decoder_params"], tflops)
     return {"micro_batch": 1, "grad_accum": EFFECTIVE_BATCH, **result}
 
 

@@ -9,6 +9,7 @@ only throughput, memory and the agreement between two ways of computing the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata as md
 import json
 import shutil
@@ -210,6 +211,18 @@ def load(path: Path, workdir: Path, image_size: int = 384, profile: str = "safe"
     seconds = time.perf_counter() - start
     log(f"loaded {path.name} through helpers.load_model_and_processor in {seconds:.0f} s; {memory_note()}")
     return model, processor, cfg, seconds
+
+
+@contextlib.contextmanager
+def image_by_image_vision_attention(model):
+    """transformers' own vision attention (one SDPA call per image), as the original notebooks ran it."""
+    for module in model.modules():
+        if type(module).__name__ in helpers.VISION_ATTENTION_CLASSES and "forward" in vars(module):
+            del module.forward
+    try:
+        yield
+    finally:
+        helpers.batch_vision_attention(model)
 
 
 def set_image_size(processor, image_size: int) -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# All GPU benchmarks in one call on a single-H100 machine, within its 10-minute limit:
-#   bash experiments/run_gpu.sh
-# Each benchmark runs under its own timeout (infer 150 s + train 200 s + moe 200 s = 550 s, plus the install) and a
-# failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
+# The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
+#   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe)
+# A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
 # "$OUT/" (the folder whose files come back from the GPU machine). The benchmarks write their JSON after every model,
 # so one cut short by its timeout still leaves what it measured.
 # The GPU machine has no bitsandbytes (nor perhaps peft): both come as wheels in .whl/ (carried, git-ignored).
@@ -32,15 +32,18 @@ EOF
 python3 -c 'import peft' 2>/dev/null || echo "WARNING: no peft: bench_train (LoRA) will fail; put a peft wheel in .whl/"
 
 failures=()
-# run NAME SECONDS SCRIPT: one benchmark under a timeout; its log and JSON are copied to $OUT whatever happens.
+selected="${*:-infer profile train moe}"
+# run NAME SECONDS SCRIPT [ARGS...]: one benchmark under a timeout; its log and JSON are copied to $OUT whatever happens.
 run() {
     local name=$1 limit=$2 script=$3
+    shift 3
+    [[ " $selected " == *" $name "* ]] || return 0
     if [[ ! -f $script ]]; then
         echo "== $name: $script not found, skipped"
         return
     fi
     echo "== $name: $script (timeout ${limit} s, $((SECONDS - started)) s elapsed)"
-    timeout -k 10 "$limit" python3 "$script" --out "experiments/results/$name.json" 2>&1 | tee "$OUT/$name.log"
+    timeout -k 10 "$limit" python3 "$script" --out "experiments/results/$name.json" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     if [[ -f experiments/results/$name.json ]]; then
         cp "experiments/results/$name.json" "$OUT/"
@@ -53,8 +56,9 @@ run() {
     fi
 }
 
-run infer 150 experiments/bench_infer.py
-run train 200 experiments/bench_train.py
+run infer 240 experiments/bench_infer.py --rows 512 --original-rows 64 --batch-sizes 16,32 --repeats 2
+run profile 240 experiments/profile_infer.py --models 8b --rows 512
+run train 300 experiments/bench_train.py
 run moe 200 experiments/bench_moe.py
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"

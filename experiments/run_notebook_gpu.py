@@ -2,6 +2,7 @@
 path (4-bit load, autocast, GradScaler), once in the GPU's own precision and once forced to fp16 as on a T4.
 
     python experiments/run_notebook_gpu.py --out /tmp/nb          # writes <out>/<precision>/ and a summary JSON
+    python experiments/run_notebook_gpu.py --out /tmp/nb --precision native   # one of the two only
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def run_cells(output_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--precision", choices=("both", "native", "fp16"), default="both")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
@@ -45,6 +47,8 @@ def main() -> None:
     summary = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     native = helpers.compute_dtype
     for precision, dtype_fn in (("native", native), ("fp16", lambda: torch.float16)):
+        if args.precision not in ("both", precision):
+            continue
         helpers.compute_dtype = dtype_fn  # fp16: what a T4 (no bf16) computes in, with the GradScaler on
         start = time.perf_counter()
         summary[precision] = run_cells(Path(args.out) / precision)

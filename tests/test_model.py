@@ -1,8 +1,10 @@
 """Loading through from_pretrained, LoRA placement, and what a training step may and may not change."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import ARCHS
+from PIL import Image
 
 import helpers
 
@@ -99,3 +101,25 @@ def test_answer_loss_equals_full_logits_loss(tiny_model_dirs, tmp_path, sample_d
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
         )
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_vision_attention_equals_image_by_image(arch, tiny_model_dirs, tmp_path):
+    model, processor = helpers.load_model_and_processor(cfg_for(arch, tiny_model_dirs, tmp_path))
+    modules = [m for m in model.modules() if type(m).__name__ in helpers.VISION_ATTENTION_CLASSES]
+    assert modules and all("forward" in vars(m) for m in modules)  # load_model_and_processor batched them all
+    # Images of several shapes, so that some attention groups hold one image and some several (and, in Qwen2.5-VL,
+    # windows of several sizes).
+    rng = np.random.default_rng(0)
+    shapes = [(128, 128), (64, 64), (128, 128), (96, 64), (64, 128), (64, 64)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
+    processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": 128 * 128}
+    inputs = processor.image_processor(images=images, return_tensors="pt")
+    assert len(set(inputs["image_grid_thw"].prod(-1).tolist())) > 2
+    with torch.no_grad():
+        batched = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        for module in modules:
+            del module.forward  # back to transformers' own forward: one attention call per image
+        stock = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    torch.testing.assert_close(batched.last_hidden_state, stock.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched.pooler_output, stock.pooler_output, rtol=1e-5, atol=1e-5)
