@@ -1790,15 +1790,28 @@ def train_folds_on_gpus(
     import torch.multiprocessing as mp
 
     processes = processes or torch.cuda.device_count()
+    to_train = sum(not fold_is_trained(cfg, fold) for fold in cfg.folds_to_train)
+    if to_train % processes:
+        print(
+            f"{to_train} folds to train on {processes} GPUs: the last round leaves "
+            f"{processes - to_train % processes} GPU(s) idle (n_folds a multiple of {processes} keeps all busy)"
+        )
     mp.start_processes(_train_share, args=(processes, folds, test, cfg), nprocs=processes, start_method="spawn")
     return pd.DataFrame([fold_result(cfg, fold) for fold in cfg.folds_to_train]).drop(columns="history")
 
 
+def fold_shares(cfg: Config, processes: int) -> list[tuple[int, ...]]:
+    """The folds each train_folds_on_gpus process takes: folds still to train dealt out first, so that a resumed run
+    splits the training evenly, then the trained ones (which only need scoring)."""
+    order = sorted(cfg.folds_to_train, key=lambda fold: fold_is_trained(cfg, fold))  # stable: untrained first
+    return [tuple(order[rank::processes]) for rank in range(processes)]
+
+
 def _train_share(rank: int, processes: int, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> None:
-    """One train_folds_on_gpus process: its own model on GPU `rank`, and folds rank, rank + processes, ..."""
+    """One train_folds_on_gpus process: its own model on GPU `rank`, and its share of the folds."""
     share = dataclasses.replace(
         cfg,
-        train_folds=tuple(cfg.folds_to_train[rank::processes]),
+        train_folds=fold_shares(cfg, processes)[rank],
         gpu=rank if torch.cuda.is_available() else None,
         parallel_folds=False,
     )

@@ -203,3 +203,13 @@ def test_folds_trained_side_by_side_equal_folds_trained_in_turn(small, sample_da
             np.testing.assert_allclose(
                 side_predictions[f"fold{fold}"][key], in_turn_predictions[f"fold{fold}"][key], atol=1e-5
             )
+
+
+def test_fold_shares_deal_out_the_folds_still_to_train_first(tmp_path):
+    cfg = helpers.Config(profile="smoke", output_dir=str(tmp_path), n_folds=5)
+    assert helpers.fold_shares(cfg, 2) == [(0, 2, 4), (1, 3)]
+    for fold in (0, 2):  # a resumed run: folds 0 and 2 finished before the restart
+        cfg.fold_dir(fold).mkdir(parents=True)
+        (cfg.fold_dir(fold) / "result.json").write_text("{}")
+    # Without the reordering one process would train 4 while the other trained 1 and 3.
+    assert helpers.fold_shares(cfg, 2) == [(1, 4, 2), (3, 0)]
