@@ -18,6 +18,7 @@ Attach it to a Kaggle notebook as a utility script, or keep it next to the noteb
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import glob
@@ -1844,9 +1845,13 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     (`to_options` maps them back). Prior debiasing needs this letter space, before the mapping.
     Rows are scored in batches of similar length and returned in the input order.
     On out-of-memory the batch size halves and the batch is retried.
-    No autocast here: the model already computes in bf16/fp16 (4-bit layers dequantize to it, the rest is loaded in
-    it; fp32 LoRA layers cast their own input). Under autocast, LayerNorms return fp32, which bitsandbytes hands back
-    in fp32 too: the casts back and forth cost a tenth of a scoring pass (experiments/profile_infer.py).
+    Non-finite scores (an overflowing model) raise an error naming the rows, rather than silently answering "a".
+
+    Autocast only in fp16 (a T4). In bf16 the model needs none: it already computes in bf16 (4-bit layers dequantize
+    to it, the rest is loaded in it; fp32 LoRA layers cast their own input), and under autocast LayerNorms return
+    fp32, which bitsandbytes hands back in fp32 too: those casts cost a tenth of a scoring pass (profile_infer.py).
+    In fp16 the fp32 LayerNorm outputs are worth their cost: Qwen-VL vision towers are known to overflow fp16
+    (huggingface/transformers#33294), and training, which validated this path, runs under autocast too.
     """
     was_training = model.training
     model.eval()
@@ -1860,11 +1865,13 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     batches = [by_length[i : i + batch_size].tolist() for i in range(0, len(df), batch_size)]
     out = torch.empty(len(df), 4)
     micro = batch_size  # halved on out-of-memory, and kept for the batches after
+    autocast = autocast_context(device) if compute_dtype() == torch.float16 else contextlib.nullcontext
     for batch in tqdm(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
         while True:
             try:
                 for chunk in split_batch(batch, micro):
-                    logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
+                    with autocast():
+                        logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
                     out[chunk["index"]] = logits.float().log_softmax(-1)[:, letter_ids.to(logits.device)].cpu()
                 break
             except torch.OutOfMemoryError:
@@ -1874,6 +1881,12 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
                 micro //= 2
                 tqdm.write(f"out of memory in inference: batch size now {micro}")
     model.train(was_training)
+    broken = ~torch.isfinite(out).all(1).numpy()
+    if broken.any():
+        raise FloatingPointError(
+            f"{broken.sum()} of {len(df)} rows got non-finite letter scores (the model overflowed in "
+            f"{compute_dtype()}): ids {_preview(df['id'][broken])}"
+        )
     return out.numpy()
 
 

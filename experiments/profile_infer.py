@@ -4,7 +4,7 @@ On the same pre-collated, length-sorted batches (so the CPU pipeline is out of t
   image_by_image_autocast   transformers' vision attention (one SDPA call per image) under autocast: the project's
                             way before these changes
   batched_autocast          helpers.batch_vision_attention (one SDPA call per group of equal-length images)
-  batched                   ... and no autocast: what helpers.position_log_probs runs now
+  batched                   ... and no autocast: what helpers.position_log_probs runs in bf16
 and, apart: the input pipeline alone (DataLoader + collator, 0/2/4 workers; the time to its first batch), and
 helpers.letter_log_probs end to end (pipeline and forwards overlapping). Plus the heaviest ops of one forward.
 

@@ -82,3 +82,21 @@ def test_out_of_memory_halves_the_inference_batch_and_keeps_it(tiny, sample_data
     monkeypatch.setattr(helpers, "model_inputs", lambda batch, device: inputs({"index": [0, 1]}, device))
     with pytest.raises(RuntimeError, match="inference at batch size 1.*profile to"):
         helpers.letter_log_probs(model, processor, rows, cfg)
+
+
+def test_non_finite_scores_raise_and_name_the_rows(tiny, sample_data):
+    """An overflowing model (here: NaN logits for the first row of each batch) must not silently answer "a"."""
+    model, processor, cfg = tiny
+    rows = sample_data[0].head(5).reset_index(drop=True)
+    cfg.eval_batch_size = 8
+    first = rows["id"][np.argsort(helpers.prompt_lengths(rows), kind="stable")[0]]  # batch row 0 after sorting
+
+    def overflow(module, inputs, output):
+        output[0] = float("nan")
+
+    hook = model.lm_head.register_forward_hook(overflow)
+    try:
+        with pytest.raises(FloatingPointError, match=rf"1 of 5 rows got non-finite .*\['{first}'\]"):
+            helpers.letter_log_probs(model, processor, rows, cfg)
+    finally:
+        hook.remove()
