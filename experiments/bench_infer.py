@@ -1,8 +1,9 @@
 """Inference speed: one generate() per sample (the original notebooks) vs. helpers.letter_log_probs (batched scoring).
 
 Original way: per sample, the processor on that one sample with add_generation_prompt, `model.generate(
-max_new_tokens=2)` and the letter parsed from the reply. Project way: `helpers.letter_log_probs` (what predict_folds
-runs): length-sorted batches, one forward pass per batch, the next-token log-probabilities of a/b/c/d.
+max_new_tokens=2)` and the letter parsed from the reply, with transformers' own vision attention (one call per image).
+Project way: `helpers.letter_log_probs` (what predict_folds runs): length-sorted batches, one forward pass per batch,
+the next-token log-probabilities of a/b/c/d, vision attention batched over images (`helpers.batch_vision_attention`).
 
 Both read the same next-token distribution, so besides speed and peak memory the benchmark checks that they agree:
 the letter with the highest logit at generate()'s first step vs. the argmax of letter_log_probs, and the largest

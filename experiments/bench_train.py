@@ -9,7 +9,8 @@ largest of 16, 8, 4, 2, 1 that runs without out-of-memory under the T4 stand-in 
 1, which separates the gain of micro-batching from that of answer-only logits.
 
 Both ways share the model (4-bit, activation checkpointing, the same LoRA adapter), the rows, the effective batch,
-the GPU memory cap, the optimizer step (AdamW, GradScaler, gradient clipping as in helpers.fit) and autocast.
+the GPU memory cap, the optimizer step (AdamW, GradScaler, gradient clipping as in helpers.fit) and autocast. The
+original way runs transformers' own vision attention (one call per image), the project way helpers' batched one.
 For the 8B size it also measures the peak memory of one training step at each memory level under the cap.
 
     python experiments/bench_train.py --out results/train.json              # GPU: Qwen3-VL-2B and -8B sizes
