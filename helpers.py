@@ -614,6 +614,12 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return [[int(i) for i in batches[j]] for j in rng.permutation(len(batches))]
 
 
+def length_sorted_batches(df: pd.DataFrame, batch_size: int) -> list[list[int]]:
+    """Row positions in batches of similar length, shortest first (inference: least padding, no shuffling)."""
+    by_length = np.argsort(prompt_lengths(df), kind="stable")
+    return [by_length[i : i + batch_size].tolist() for i in range(0, len(df), batch_size)]
+
+
 def prompt_lengths(df: pd.DataFrame) -> list[int]:
     """A cheap stand-in for token length (characters of question and options) used to group similar rows."""
     return (df["question"].str.len() + sum(df[c].str.len() for c in LETTERS)).tolist()
@@ -1860,11 +1866,9 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     dataset.order = order
     collator = VQACollator(processor, train=False)
     letter_ids = torch.tensor(letter_token_ids(processor.tokenizer))
-    by_length = np.argsort(prompt_lengths(df), kind="stable")
-    batch_size = cfg.eval_batch_size
-    batches = [by_length[i : i + batch_size].tolist() for i in range(0, len(df), batch_size)]
+    batches = length_sorted_batches(df, cfg.eval_batch_size)
     out = torch.empty(len(df), 4)
-    micro = batch_size  # halved on out-of-memory, and kept for the batches after
+    micro = cfg.eval_batch_size  # halved on out-of-memory, and kept for the batches after
     autocast = autocast_context(device) if compute_dtype() == torch.float16 else contextlib.nullcontext
     for batch in tqdm(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
         while True:
@@ -2039,7 +2043,6 @@ def score_member(base_model, processor, name: str, folds: pd.DataFrame, test: pd
             saved = dict(stored)
         if saved["orders"].tolist() == [list(o) for o in orders] and saved["debias_samples"] == cfg.debias_samples:
             return saved
-    scores_file.parent.mkdir(parents=True, exist_ok=True)
     model = base_model if name == "zeroshot" else load_adapter(base_model, cfg.out / name / "best_adapter")
     prior = fit_prior(model, processor, test, cfg)
     saved = {
@@ -2051,9 +2054,7 @@ def score_member(base_model, processor, name: str, folds: pd.DataFrame, test: pd
     }
     if name != "zeroshot":
         detach_lora(model)  # the base model, as it came (unload restores it in place)
-    tmp = scores_file.with_name("scores.tmp.npz")
-    np.savez(tmp, **saved)
-    tmp.replace(scores_file)
+    atomic_write(scores_file, lambda file: np.savez(file, **saved))
     return saved
 
 
@@ -2143,6 +2144,16 @@ def weighted_soft_vote(member_probs: list[np.ndarray], weights) -> np.ndarray:
     return np.tensordot(weights / weights.sum(), np.stack(member_probs), axes=1).argmax(-1)
 
 
+def ensemble_votes(predictions: dict) -> dict:
+    """Each ensemble's letter index per test row: majority, soft and accuracy-weighted soft vote of the members."""
+    test_probs = [p["test"] for p in predictions.values()]
+    return {
+        "majority": majority_vote(test_probs),
+        "soft": soft_vote(test_probs),
+        "weighted soft": weighted_soft_vote(test_probs, [p["val_acc"] for p in predictions.values()]),
+    }
+
+
 def ensemble_report(predictions: dict) -> pd.DataFrame:
     """How often the ensemble variants pick the same answer on the test set (fraction of rows, pairwise).
 
@@ -2151,14 +2162,8 @@ def ensemble_report(predictions: dict) -> pd.DataFrame:
     `variant_report` (honest), and use this table to see how much the choice of ensemble matters at all: where the
     variants agree on nearly every row, the choice cannot change the score much.
     """
-    test_probs = [p["test"] for p in predictions.values()]
-    weights = [p["val_acc"] for p in predictions.values()]
-    choices = {
-        "majority": majority_vote(test_probs),
-        "soft": soft_vote(test_probs),
-        "weighted soft": weighted_soft_vote(test_probs, weights),
-    }
-    return pd.DataFrame({a: {b: (ca == cb).mean() for b, cb in choices.items()} for a, ca in choices.items()})
+    votes = ensemble_votes(predictions)
+    return pd.DataFrame({a: {b: (va == vb).mean() for b, vb in votes.items()} for a, va in votes.items()})
 
 
 def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame) -> None:
@@ -2187,29 +2192,31 @@ def write_submission(choices: np.ndarray, test: pd.DataFrame, sample: pd.DataFra
 def write_submissions(predictions: dict, fold_results: pd.DataFrame | None, test, sample, cfg: Config) -> dict:
     """submission_ensemble.csv (majority vote), submission_soft.csv (mean probability), submission_weighted.csv
     (mean probability weighted by each member's out-of-fold accuracy), submission_single.csv (the best fold)."""
-    names = list(predictions)
-    test_probs = [predictions[n]["test"] for n in names]
-    best = names[0]
+    best = next(iter(predictions))
     if fold_results is not None and len(fold_results):
         best = f"fold{int(fold_results.sort_values('best_val_acc', ascending=False)['fold'].iloc[0])}"
+    votes = ensemble_votes(predictions)
     choices = {
-        "submission_ensemble.csv": majority_vote(test_probs),
-        "submission_soft.csv": soft_vote(test_probs),
-        "submission_weighted.csv": weighted_soft_vote(test_probs, [predictions[n]["val_acc"] for n in names]),
+        "submission_ensemble.csv": votes["majority"],
+        "submission_soft.csv": votes["soft"],
+        "submission_weighted.csv": votes["weighted soft"],
         "submission_single.csv": predictions[best]["test"].argmax(-1),
     }
     return {name: write_submission(c, test, sample, cfg.out / name) for name, c in choices.items()}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written file behind."""
+def atomic_write(path: Path, write) -> None:
+    """`write(file)` into a temporary file beside `path`, then rename it: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "wb") as file:
+        write(file)
     tmp.replace(path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    atomic_write(path, lambda file: np.save(file, array))

@@ -350,9 +350,7 @@ def median(values) -> float:
 
 def write_json(path: str | Path, results: dict) -> None:
     """Written after every model, so a run cut short still leaves what it measured."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    helpers.atomic_write_text(path, json.dumps(results, indent=2, default=str))
+    helpers.atomic_write_text(Path(path), json.dumps(results, indent=2, default=str))
 
 
 def print_table(rows: list[dict]) -> None:
