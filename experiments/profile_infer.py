@@ -23,26 +23,20 @@ import torch
 from common import helpers
 
 
-def batches_by_length(df, batch_size: int) -> list[list[int]]:
-    by_length = np.argsort(helpers.prompt_lengths(df), kind="stable")
-    return [by_length[i : i + batch_size].tolist() for i in range(0, len(df), batch_size)]
-
-
 def loader_only(processor, df, cfg, workers: int) -> tuple[float, float]:
     """Seconds to the first batch and for the whole pass of the input pipeline alone."""
     dataset = helpers.VQADataset(df, cfg.image_size, train=False)
     collator = helpers.VQACollator(processor, train=False)
     start = time.perf_counter()
     first = None
-    for _ in helpers.make_loader(dataset, collator, batches_by_length(df, cfg.eval_batch_size), workers):
+    for _ in helpers.make_loader(dataset, collator, helpers.length_sorted_batches(df, cfg.eval_batch_size), workers):
         first = first or time.perf_counter() - start
     return first, time.perf_counter() - start
 
 
 @torch.no_grad()
-def forward_only(model, batches: list[dict], device, autocast: bool, letter_ids) -> tuple[float, np.ndarray]:
+def forward_only(model, batches: list[dict], device, context, letter_ids) -> tuple[float, np.ndarray]:
     """Seconds for the model's forwards over pre-collated batches, and the letter log-probabilities they give."""
-    context = helpers.autocast_context(device) if autocast else contextlib.nullcontext
     out = []
     common.sync()
     start = time.perf_counter()
@@ -55,8 +49,7 @@ def forward_only(model, batches: list[dict], device, autocast: bool, letter_ids)
 
 
 @torch.no_grad()
-def vision_only(model, batches: list[dict], device, autocast: bool) -> float:
-    context = helpers.autocast_context(device) if autocast else contextlib.nullcontext
+def vision_only(model, batches: list[dict], device, context) -> float:
     common.sync()
     start = time.perf_counter()
     with context():
@@ -67,10 +60,9 @@ def vision_only(model, batches: list[dict], device, autocast: bool) -> float:
 
 
 @torch.no_grad()
-def kernel_table(model, batch: dict, device, autocast: bool, top: int = 25) -> list[dict]:
+def kernel_table(model, batch: dict, device, context, top: int = 25) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
-    context = helpers.autocast_context(device) if autocast else contextlib.nullcontext
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with context():
             model(**helpers.model_inputs(batch, device), logits_to_keep=1).logits.float().cpu()
@@ -83,10 +75,11 @@ def kernel_table(model, batch: dict, device, autocast: bool, top: int = 25) -> l
 
 def time_forwards(model, processor, batches, device, autocast: bool) -> tuple[dict, np.ndarray]:
     letter_ids = helpers.letter_token_ids(processor.tokenizer)
+    context = helpers.autocast_context(device) if autocast else contextlib.nullcontext
     # Two passes: the first meets new shapes (cuDNN attention plans them).
-    passes = [forward_only(model, batches, device, autocast, letter_ids) for _ in range(2)]
-    r = {"forward_s": [seconds for seconds, _ in passes], "vision_s": vision_only(model, batches, device, autocast)}
-    r["kernels"] = kernel_table(model, batches[len(batches) // 2], device, autocast)
+    passes = [forward_only(model, batches, device, context, letter_ids) for _ in range(2)]
+    r = {"forward_s": [seconds for seconds, _ in passes], "vision_s": vision_only(model, batches, device, context)}
+    r["kernels"] = kernel_table(model, batches[len(batches) // 2], device, context)
     return r, passes[-1][1]
 
 
@@ -111,7 +104,7 @@ def main() -> None:
             common.log(f"{name}: loader only, {workers} workers: {r[f'loader_s_workers{workers}']:.2f} s")
         dataset = helpers.VQADataset(df, cfg.image_size, train=False)
         collator = helpers.VQACollator(processor, train=False)
-        batches = [collator([dataset[i] for i in b]) for b in batches_by_length(df, args.batch_size)]
+        batches = [collator([dataset[i] for i in b]) for b in helpers.length_sorted_batches(df, args.batch_size)]
         r["tokens_per_batch"] = [int(b["input_ids"].numel()) for b in batches]
         with common.image_by_image_vision_attention(model):
             r["image_by_image_autocast"], reference = time_forwards(model, processor, batches, device, autocast=True)
