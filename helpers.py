@@ -24,10 +24,12 @@ import gc
 import glob
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import shutil
 import sys
+import time
 import types
 import unicodedata
 from collections import defaultdict
@@ -114,17 +116,21 @@ def find_local_model(model_id: str, roots: tuple[str, ...] = ("/kaggle/input",))
 # 2. Config
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Memory levels for Kaggle's T4 x2 (15 GiB each). Higher levels see more image detail and train faster but need
-# more memory: if a run dies with out-of-memory, step one level down. `max_memory_gib` caps the weights placed on
-# each GPU by device_map="auto"; what it leaves free holds activations.
+# Memory levels for Kaggle's T4 x2 (15 GiB each). They govern activations: higher levels see more image detail
+# (more vision tokens), train a larger adapter and score more rotations, and need more memory and time. If a run dies
+# with out-of-memory, step one level down. Where the weights go does not depend on the level: plan_device_map puts
+# them on as few GPUs as hold them with ACTIVATION_RESERVE_GIB to spare on each.
 # `tta_rotations` multiplies inference time (each fold scores its validation rows and the test set once per
 # rotation): `safe` already spends a Kaggle session on training, so it scores once; raise it if time is left.
 MEMORY_LEVELS = {
-    "safe": dict(image_size=384, lora_r=8, batch_size=1, grad_accum=16, max_memory_gib=9.0, tta_rotations=1),
-    "balanced": dict(image_size=448, lora_r=12, batch_size=1, grad_accum=12, max_memory_gib=11.0, tta_rotations=2),
-    "high": dict(image_size=512, lora_r=16, batch_size=2, grad_accum=8, max_memory_gib=12.5, tta_rotations=4),
+    "safe": dict(image_size=384, lora_r=8, batch_size=1, grad_accum=16, tta_rotations=1),
+    "balanced": dict(image_size=448, lora_r=12, batch_size=1, grad_accum=12, tta_rotations=2),
+    "high": dict(image_size=512, lora_r=16, batch_size=2, grad_accum=8, tta_rotations=4),
 }
 NEXT_LOWER_LEVEL = {"high": "balanced", "balanced": "safe", "safe": "a smaller model"}
+
+# Compute precisions. A T4 has no bf16: "auto" gives fp16 there, trained with a GradScaler.
+PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # What the memory levels share. Kaggle's 9-12 h session fits about 5 folds x 2 epochs of an 8B model at `safe`.
@@ -147,7 +153,6 @@ SMOKE_PROFILE = {
     "lora_r": 16,
     "batch_size": 8,
     "grad_accum": 1,
-    "max_memory_gib": None,  # no cap: a tiny model fits anywhere (a GPU too, where one is present)
     "model_id": "tiny:qwen3_vl",
     "n_folds": 2,
     "epochs": 20,
@@ -179,7 +184,9 @@ class Config:
     auto_micro_batch: bool = True  # start at the whole effective batch and halve on out-of-memory: the largest
     # micro-batch that fits is found in the first steps (a QLoRA step at micro-batch 1 leaves a GPU mostly idle)
     grad_accum: int | None = None  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
-    max_memory_gib: float | None = None  # weights per GPU for device_map="auto"; the rest holds activations
+    precision: str = "auto"  # "auto": bf16 where the GPU has it, fp16 on a T4, fp32 on CPU; or "bf16" | "fp16" | "fp32"
+    gpu_memory_cap_gib: float | None = None  # use at most this much of each GPU (e.g. 14.5 to rehearse a T4 on a
+    # larger GPU); None: the whole GPU
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -198,8 +205,8 @@ class Config:
     shuffle_options: bool = False  # permute the options of each training sample and remap its answer
 
     # Runtime
-    parallel_folds: bool = False  # several GPUs and a model that fits one (2B-8B in 4 bits): train one fold per GPU
-    # at a time, each GPU with its own copy of the model (train_folds_on_gpus). Not yet run on real GPUs: opt in.
+    parallel_folds: bool | None = None  # train one fold per GPU at a time, each GPU with its own copy of the model
+    # (train_folds_on_gpus); None: when there are 2+ GPUs and the model fits one (Qwen3-VL-2B to -8B in 4 bits)
     gpu: int | None = None  # the one GPU to load the whole model on (set per process by train_folds_on_gpus);
     # None: device_map="auto" over every GPU
     eval_batch_size: int | None = None  # inference batch; halves itself on out-of-memory
@@ -248,6 +255,8 @@ class Config:
             problems.append(f"tta_rotations must be 1, 2 or 4, got {self.tta_rotations}")
         if self.debias_samples < 0:
             problems.append(f"debias_samples must be 0 (off) or positive, got {self.debias_samples}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if problems:
             raise ValueError("invalid Config:\n  - " + "\n  - ".join(problems))
 
@@ -635,6 +644,10 @@ def make_loader(dataset: VQADataset, collator: VQACollator, batches: list[list[i
         # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, so a resumed run
         # would see different dropout masks from an uninterrupted one.
         generator=torch.Generator().manual_seed(0),
+        # Workers only run the processor on the CPU, so forking them is safe, and fast. A process started by spawn
+        # (each train_folds_on_gpus process) would otherwise spawn its workers too: 15 s of imports on 4 busy cores
+        # for every DataLoader, 18 s to score 32 rows (measured in the rehearsal).
+        multiprocessing_context="fork" if workers and "fork" in mp.get_all_start_methods() else None,
     )
 
 
@@ -643,8 +656,40 @@ def make_loader(dataset: VQADataset, collator: VQACollator, batches: list[list[i
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def compute_dtype() -> torch.dtype:
-    """bf16 where the GPU has it, fp16 on older GPUs such as the T4, fp32 on CPU."""
+# -- Model families ---------------------------------------------------------------------------------------------------
+# What differs between the Qwen-VL architectures, in one place; the rest of this module is shared by all of them.
+# Adding a family means one entry here (and its tiny builder below, for the tests).
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    model_class: str  # transformers' image-text-to-text class, as saved in a checkpoint's config.json
+    vision_attention: str  # the vision tower's attention module class, batched by batch_vision_attention
+    expert_tensors: tuple[str, ...] = ()  # fused 3-D expert parameters, stored in NF4 by the MoE loader
+
+
+MODEL_FAMILIES = {  # by config.json's model_type
+    "qwen2_5_vl": ModelFamily("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLVisionAttention"),
+    "qwen3_vl": ModelFamily("Qwen3VLForConditionalGeneration", "Qwen3VLVisionAttention"),
+    "qwen3_vl_moe": ModelFamily(
+        "Qwen3VLMoeForConditionalGeneration",
+        "Qwen3VLMoeVisionAttention",
+        expert_tensors=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    ),
+}
+
+
+def model_family(model_type: str) -> ModelFamily:
+    if model_type not in MODEL_FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(MODEL_FAMILIES)}")
+    return MODEL_FAMILIES[model_type]
+
+
+def compute_dtype(precision: str = "auto") -> torch.dtype:
+    """The dtype the model computes in: `precision` if given, else bf16 where the GPU has it, fp16 on older GPUs such
+    as the T4 (trained with a GradScaler), fp32 on CPU."""
+    if PRECISIONS[precision] is not None:
+        return PRECISIONS[precision]
     if not torch.cuda.is_available():
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
@@ -659,7 +704,8 @@ def load_model_and_processor(cfg: Config):
     """The base model (4-bit NF4 on CUDA, fp32 on CPU) with gradient checkpointing, and its processor.
 
     `cfg.model_id` may be a Hub id, a local folder (Kaggle Models), or "tiny:<arch>" for a tiny random model
-    built offline under the output folder (the smoke profile).
+    built offline under the output folder (the smoke profile). On GPUs the weights go where plan_device_map says:
+    a model that cannot fit stops here, before anything is loaded.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
@@ -670,12 +716,13 @@ def load_model_and_processor(cfg: Config):
     else:
         model_path = find_local_model(model_path)
 
+    family = model_family(_checkpoint_config(model_path).get("model_type"))  # an unsupported model stops here
     processor = AutoProcessor.from_pretrained(model_path)
     processor.tokenizer.padding_side = "left"
     # Bound the vision tokens: the processor resizes to at most image_size^2 pixels (images are pre-shrunk too).
     processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": cfg.image_size * cfg.image_size}
 
-    dtype = compute_dtype()
+    dtype = compute_dtype(cfg.precision)
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
     if torch.cuda.is_available():
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -684,16 +731,14 @@ def load_model_and_processor(cfg: Config):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        if cfg.gpu is not None:
-            kwargs["device_map"] = {"": cfg.gpu}
-        else:
-            kwargs["device_map"] = "auto"
-            if cfg.max_memory_gib:
-                kwargs["max_memory"] = {i: f"{cfg.max_memory_gib}GiB" for i in range(torch.cuda.device_count())}
-    if is_moe_checkpoint(model_path):  # fused experts that BitsAndBytesConfig leaves in 16 bits: see the MoE section
+    if family.expert_tensors:  # fused experts that BitsAndBytesConfig leaves in 16 bits: see the MoE section
         kwargs = moe_load_kwargs(model_path, kwargs)
+    if torch.cuda.is_available():
+        gpus = [cfg.gpu] if cfg.gpu is not None else list(range(torch.cuda.device_count()))
+        budget = cap_gpu_memory(gpus, cfg.gpu_memory_cap_gib)
+        kwargs["device_map"] = plan_device_map(model_path, kwargs.get("quantization_config"), dtype, budget)
     model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
-    batch_vision_attention(model)
+    print(f"vision attention batched over images in {batch_vision_attention(model)} layers")
     model.requires_grad_(False)
     model.config.use_cache = False
     # Non-reentrant checkpointing works with frozen inputs and LoRA without enable_input_require_grads hacks.
@@ -705,15 +750,82 @@ def load_model_and_processor(cfg: Config):
     return model, processor
 
 
+# -- Where the weights go ----------------------------------------------------------------------------------------------
+# transformers' device_map="auto" with a max_memory per GPU failed on the real Qwen3-VL-30B-A3B: under 2 x 9 GiB its
+# 15.8 GiB of 4-bit weights did not fit after the bitsandbytes quantizer took 10% off each budget and the balancing
+# kept a layer's worth spare, so layers went to the CPU and loading stopped. So the weights get a plan of their own:
+# the model's 4-bit size as transformers' own quantizer counts it (on an empty, meta-device model), the fewest GPUs
+# that hold it with ACTIVATION_RESERVE_GIB free on each, the layers spread evenly over them. One GPU when the model
+# fits one (no hops between GPUs, the other GPU free for a second fold); never the CPU.
+
+# Room for activations beside the weights on each GPU that holds part of the model: a training step of Qwen3-VL-8B at
+# micro-batch 16 and 384 px took 3.3 GiB above its weights, scoring 32 rows 3.5 GiB (experiments/README.md); both
+# halve their batch on out-of-memory.
+ACTIVATION_RESERVE_GIB = 3.5
+
+
+def cap_gpu_memory(gpus: list[int], cap_gib: float | None) -> dict[int, float]:
+    """GiB each GPU in `gpus` gives this process; with cap_gib, torch's allocator is held to it as well."""
+    budget = {}
+    for gpu in gpus:
+        total = torch.cuda.get_device_properties(gpu).total_memory / 2**30
+        if cap_gib is not None and cap_gib < total:
+            torch.cuda.set_per_process_memory_fraction(cap_gib / total, gpu)
+        budget[gpu] = min(total, cap_gib or total)
+    return budget
+
+
+def plan_device_map(model_path: str, quantization_config, dtype: torch.dtype, gpu_gib: dict[int, float]) -> dict:
+    """A device_map for from_pretrained: the model's 4-bit weights on the fewest of the GPUs in `gpu_gib` ({index:
+    GiB}) that hold them with ACTIVATION_RESERVE_GIB to spare on each, spread evenly over those. Raises a ValueError
+    naming the model, its 4-bit size and the GPU memory if they cannot hold it. No weights are read: sizes come from
+    transformers' quantizer on a meta-device copy of the model."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.integrations.accelerate import compute_module_sizes, infer_auto_device_map
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    config = AutoConfig.from_pretrained(model_path)
+    pre_quantized = getattr(config, "quantization_config", None) is not None  # a save_quantized_base folder
+    quantizer = AutoHfQuantizer.from_config(
+        config.quantization_config if pre_quantized else quantization_config, pre_quantized=pre_quantized
+    )
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map="auto", checkpoint_files=None, use_kernels=False)
+    module_sizes = compute_module_sizes(model, quantizer)[0]
+    weights = module_sizes[""]
+    largest_block = max(
+        (module_sizes[name] for name, m in model.named_modules() if type(m).__name__ in model._no_split_modules),
+        default=0,
+    )
+    gpus = list(gpu_gib)
+    free = {gpu: max(0.0, gib - ACTIVATION_RESERVE_GIB) * 2**30 for gpu, gib in gpu_gib.items()}
+    for n in range(1, len(gpus) + 1):
+        used = gpus[:n]
+        if sum(free[g] for g in used) < weights + (n - 1) * largest_block:
+            continue
+        # Even spread: each GPU but the last takes its share plus one block (layers do not split), the last the rest.
+        share = weights / n + largest_block
+        max_memory = {g: int(min(free[g], share)) for g in used[:-1]} | {used[-1]: int(free[used[-1]])}
+        device_map = infer_auto_device_map(
+            model, max_memory=max_memory, no_split_module_classes=model._no_split_modules, hf_quantizer=quantizer
+        )
+        if set(device_map.values()) <= set(used):
+            return device_map
+    gpu_list = ", ".join(f"cuda:{g} {gib:.1f} GiB" for g, gib in gpu_gib.items())
+    raise ValueError(
+        f"{model_path} does not fit: its 4-bit weights take {weights / 2**30:.1f} GiB, and the GPUs ({gpu_list}) "
+        f"hold {sum(free.values()) / 2**30:.1f} GiB of weights once {ACTIVATION_RESERVE_GIB} GiB each is kept for "
+        "activations. Take a smaller model, or a machine with more GPU memory."
+    )
+
+
 # -- Vision attention over all images at once ------------------------------------------------------------------------
 # Without FlashAttention (a T4 has none) transformers' Qwen-VL vision towers run attention image by image, and
 # Qwen2.5-VL window by window: one small SDPA call each, so 27 layers x 32 images = 864 calls per batch of Qwen3-VL-8B.
 # On an H100 those launches left the GPU waiting for the CPU through a third of a scoring pass (profile_infer.py).
 # Images (or windows) with the same number of patches are independent attention problems of the same shape, so each
 # such group goes through one batched SDPA call. Same weights, same result (tests/test_model.py compares both).
-VISION_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "Qwen3VLVisionAttention", "Qwen3VLMoeVisionAttention")
-
-
 def batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
     """Forward of a Qwen-VL vision attention module (bound to it) with one SDPA call per sequence length."""
     tokens = hidden_states.shape[0]
@@ -736,9 +848,18 @@ def batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_e
     return self.proj(out.reshape(tokens, -1))
 
 
+def vision_attention_modules(model) -> list:
+    name = model_family(model.config.model_type).vision_attention
+    return [m for m in model.modules() if type(m).__name__ == name]
+
+
 def batch_vision_attention(model) -> int:
-    """Give every vision attention module of a Qwen-VL model the batched forward; returns how many it changed."""
-    modules = [m for m in model.modules() if type(m).__name__ in VISION_ATTENTION_CLASSES]
+    """Give every vision attention module of a Qwen-VL model the batched forward; returns how many it changed.
+    Finding none is an error, not a silent fallback to the slow path: transformers renamed the class."""
+    modules = vision_attention_modules(model)
+    if not modules:
+        name = model_family(model.config.model_type).vision_attention
+        raise RuntimeError(f"no {name} module in this {model.config.model_type} model: update MODEL_FAMILIES")
     for module in modules:
         module.forward = types.MethodType(batched_vision_attention_forward, module)
     return len(modules)
@@ -809,7 +930,7 @@ def release_memory() -> None:
 # warning "Could not find any LoRA parametrization"), and with both gate_up_proj and down_proj targeted, down_proj's
 # adapter gets no gradient. Its 16-bit path would also build a dense 16-bit delta of every expert tensor each pass.
 MOE_QUANT_METHOD = "bitsandbytes_moe_4bit"
-_EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_EXPERT_TENSORS = tuple(dict.fromkeys(name for f in MODEL_FAMILIES.values() for name in f.expert_tensors))
 
 
 def is_expert_tensor(name: str) -> bool:
@@ -821,10 +942,6 @@ def _checkpoint_config(model_path: str) -> dict:
     from transformers import PretrainedConfig
 
     return PretrainedConfig.get_config_dict(model_path)[0]
-
-
-def is_moe_checkpoint(model_path: str) -> bool:
-    return _checkpoint_config(model_path).get("model_type") == "qwen3_vl_moe"
 
 
 def moe_load_kwargs(model_path: str, kwargs: dict) -> dict:
@@ -1011,7 +1128,7 @@ def expert_storage(model) -> dict:
 # Real weights cannot be downloaded everywhere (CI, air-gapped machines), so the tests and the smoke profile build a
 # complete checkpoint folder (config, safetensors weights, tokenizer, processors, the real chat template) that loads
 # through the same from_pretrained calls as Qwen's. Each model has about a million parameters; a build takes a second.
-TINY_ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+TINY_ARCHS = tuple(MODEL_FAMILIES)
 
 # Special tokens of the real Qwen2.5-VL / Qwen3-VL vocabularies, in their real
 # order. The processors read <|image_pad|>, <|video_pad|>, <|vision_start|> and
@@ -1461,13 +1578,6 @@ def _build_config(arch: str, tokenizer):
     return Qwen3VLMoeConfig(text_config=text, vision_config=vision, **top)
 
 
-_MODEL_CLASSES = {
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-}
-
-
 def _is_built(out_dir: Path, arch: str) -> bool:
     config_file = out_dir / "config.json"
     if not config_file.is_file():
@@ -1497,7 +1607,7 @@ def build_tiny_model(out_dir, arch: str = "qwen3_vl", seed: int = 0) -> Path:
     config = _build_config(arch, tokenizer)
 
     torch.manual_seed(seed)  # weights are initialised in the constructor
-    model = getattr(transformers, _MODEL_CLASSES[arch])(config).to(torch.float32).eval()
+    model = getattr(transformers, MODEL_FAMILIES[arch].model_class)(config).to(torch.float32).eval()
     model.config.dtype = torch.float32  # recorded in config.json
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
@@ -1540,6 +1650,17 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory, as torch raises it or as cuBLAS/cuDNN report a failed allocation of their workspace.
+    The one test of it for training, inference and the benchmarks."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in message for sign in ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ALLOCATED", "CUDA out of memory")
+    )
+
+
 def out_of_memory_at_one(cfg: Config, where: str) -> RuntimeError:
     """The error for an out-of-memory that halving cannot fix any more: it names the level to step down to."""
     return RuntimeError(
@@ -1565,13 +1686,33 @@ def accumulate_gradients(model, batch: dict, micro_batch: int, scaler, autocast)
     return total / n_tokens
 
 
-def autocast_context(device: torch.device):
-    dtype = compute_dtype()
+def optimizer_step(optimizer, scaler, params: list, max_grad_norm: float) -> float:
+    """Unscale, clip and step; returns the gradient norm. A non-finite gradient skips the step in every precision, so
+    it never reaches the weights: in fp16 it is the GradScaler's overflow (the scaler then lowers its scale), in bf16
+    or fp32 nothing else would stop it (a bf16 run of Qwen3-VL-2B stepped on a NaN gradient at step 24 and trained on
+    NaN weights from then on). The caller zeroes the gradients."""
+    scaler.unscale_(optimizer)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    if math.isfinite(norm):
+        scaler.step(optimizer)
+    scaler.update()
+    return norm
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype):
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
 
 
 def checkpoint_paths(fold_dir: Path) -> list[Path]:
     return sorted(fold_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def check_finite(tensors: dict, destination: Path) -> None:
+    """Refuse to write non-finite weights: a checkpoint or adapter holding a NaN would poison every run that loads it.
+    optimizer_step keeps them out; this is the last line of defence."""
+    bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise FloatingPointError(f"not writing {destination}: non-finite values in {_preview(bad)}")
 
 
 def save_checkpoint(fold_dir: Path, state: dict, model, keep: int = 2) -> None:
@@ -1581,6 +1722,7 @@ def save_checkpoint(fold_dir: Path, state: dict, model, keep: int = 2) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+    check_finite(trainable, final)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -1632,6 +1774,44 @@ def memory_summary() -> str:
     return " ".join(f"{torch.cuda.max_memory_allocated(i) / 2**30:.1f}G" for i in range(torch.cuda.device_count()))
 
 
+@dataclass
+class TrainState:
+    """Where a fold's training stands; saved in every checkpoint, so a resumed run goes on exactly from here."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    micro_batch: int = 1
+    history: list = dataclasses.field(default_factory=list)  # validation metrics per epoch
+    best_accuracy: float = -1.0
+    best_loss: float = float("inf")
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (fp16 overflows included)
+    nonfinite_steps: list = dataclasses.field(default_factory=list)  # the skips the GradScaler does not explain
+    # (record_nonfinite; at most 20)
+    train_seconds: float = 0.0
+    data_wait_seconds: float = 0.0  # of train_seconds, waiting for the DataLoader: input-bound if large
+
+
+def record_nonfinite(state: TrainState, model, batch: dict, ids: pd.Series, loss: float, grad_norm: float) -> None:
+    """Keep what it takes to find the cause of a non-finite step: the rows, their lengths (padding), and where in the
+    model the gradient went bad (backward runs from the output down, so the last bad parameter in forward order is
+    the nearest to where it started)."""
+    if len(state.nonfinite_steps) >= 20:
+        return
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    state.nonfinite_steps.append(
+        {
+            "step": state.global_step,
+            "ids": ids.iloc[batch["index"].tolist()].tolist(),
+            "tokens_per_row": batch["attention_mask"].sum(1).tolist(),
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "nonfinite_grad_count": len(bad),
+            "last_nonfinite_grads": bad[-3:],
+        }
+    )
+
+
 def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
     """Train one fold's LoRA adapter; keep the adapter with the best validation accuracy in fold_dir/best_adapter.
 
@@ -1653,20 +1833,19 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype() == torch.float16)
-    autocast = autocast_context(device)
+    dtype = compute_dtype(cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = autocast_context(device, dtype)
 
     # -- resume
-    micro_batch = cfg.effective_batch if cfg.auto_micro_batch else cfg.batch_size
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": micro_batch, "history": []}
-    state.update({"best_accuracy": -1.0, "best_loss": float("inf"), "skipped_steps": 0})
+    state = TrainState(micro_batch=cfg.effective_batch if cfg.auto_micro_batch else cfg.batch_size)
     resumed = load_checkpoint(fold_dir, model)
     if resumed is not None:
         optimizer.load_state_dict(resumed.pop("optimizer"))
         scheduler.load_state_dict(resumed.pop("scheduler"))
         scaler.load_state_dict(resumed.pop("scaler"))
-        state.update(resumed)
-        print(f"fold {fold}: resuming at epoch {state['epoch']} step {state['step_in_epoch']}")
+        state = TrainState(**resumed)
+        print(f"fold {fold}: resuming at epoch {state.epoch} step {state.step_in_epoch}")
 
     def checkpoint():
         extra = {
@@ -1674,77 +1853,95 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
         }
-        save_checkpoint(fold_dir, {**state, **extra}, model)
+        save_checkpoint(fold_dir, {**dataclasses.asdict(state), **extra}, model)
 
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     bad_in_a_row = 0
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc=f"fold {fold}", dynamic_ncols=True)
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
+    progress = tqdm(total=total_steps, initial=state.global_step, desc=f"fold {fold}", dynamic_ncols=True)
+    while state.epoch < cfg.epochs:
+        epoch = state.epoch
         batches = length_grouped_batches(lengths, cfg.effective_batch, seed=cfg.seed * 1000 + epoch)
-        loader = make_loader(dataset, collator, batches[state["step_in_epoch"] :], cfg.num_workers)
+        loader = make_loader(dataset, collator, batches[state.step_in_epoch :], cfg.num_workers)
         model.train()
+        waited_from = time.perf_counter()
         for batch in loader:
+            step_started = time.perf_counter()
+            state.data_wait_seconds += step_started - waited_from
             # -- forward/backward, halving the micro-batch on out-of-memory (effective batch unchanged)
             while True:
                 try:
-                    loss = accumulate_gradients(model, batch, state["micro_batch"], scaler, autocast)
+                    loss = accumulate_gradients(model, batch, state.micro_batch, scaler, autocast)
                     break
-                except torch.OutOfMemoryError:
+                except RuntimeError as error:
+                    if not is_out_of_memory(error):
+                        raise
                     optimizer.zero_grad(set_to_none=True)
                     release_memory()
-                    if state["micro_batch"] == 1:
+                    if state.micro_batch == 1:
                         raise out_of_memory_at_one(cfg, "at micro-batch 1") from None
-                    state["micro_batch"] //= 2
-                    tqdm.write(f"out of memory: micro-batch now {state['micro_batch']}, gradient accumulation doubled")
+                    state.micro_batch //= 2
+                    tqdm.write(f"out of memory: micro-batch now {state.micro_batch}, gradient accumulation doubled")
 
-            # -- optimizer step; a non-finite loss is skipped, never trained on
+            # -- optimizer step; a non-finite loss or gradient is skipped, never trained on
+            grad_norm = math.nan
             if math.isfinite(loss):
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                skipped = scaler.is_enabled() and scaler.get_scale() < scale  # fp16 overflow in the gradients
-            else:
-                skipped = True
+                grad_norm = optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
+            stepped = math.isfinite(grad_norm)
+            unexplained = not math.isfinite(loss) or (not stepped and not scaler.is_enabled())  # not an fp16 overflow
+            if unexplained:
+                record_nonfinite(state, model, batch, train_df["id"], loss, grad_norm)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            state["skipped_steps"] += skipped
-            bad_in_a_row = bad_in_a_row + 1 if not math.isfinite(loss) else 0
+            state.skipped_steps += not stepped
+            bad_in_a_row = bad_in_a_row + 1 if unexplained else 0
             if bad_in_a_row >= cfg.max_bad_steps:
+                last_good = checkpoint_paths(fold_dir)[-1:] or ["none yet: the fold starts from scratch"]
                 raise NonFiniteLossError(
-                    f"fold {fold}: {bad_in_a_row} non-finite losses in a row at step {state['global_step']}. "
-                    f"Lower lr (now {cfg.lr}), or load in bf16/fp32 if the GPU allows; the fold's last checkpoint "
-                    "is kept, so re-running resumes from it."
+                    f"fold {fold}: {bad_in_a_row} non-finite steps in a row at step {state.global_step} (rows and "
+                    f"parameters: {state.nonfinite_steps[-1]}). No non-finite value reached the weights; the last good "
+                    f"checkpoint is {last_good[0]}, and re-running resumes from it. Lower lr (now {cfg.lr}), or set "
+                    "precision='fp32' in the Config cell."
                 )
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
+            state.global_step += 1
+            state.step_in_epoch += 1
 
             # -- log and checkpoint
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mem=memory_summary())
-            if state["global_step"] % cfg.save_every_steps == 0:
+            if state.global_step % cfg.save_every_steps == 0:
                 checkpoint()
+            now = time.perf_counter()
+            state.train_seconds += now - waited_from  # the wait for this batch and the step
+            waited_from = now
 
         # -- validate at epoch end, keep the best adapter
         log_probs = letter_log_probs(model, processor, val_df, cfg)
         metrics = validation_metrics(log_probs, val_df["answer"])
-        metrics.update(epoch=epoch + 1, step=state["global_step"], skipped_steps=state["skipped_steps"])
-        state["history"].append(metrics)
+        metrics.update(epoch=epoch + 1, step=state.global_step, skipped_steps=state.skipped_steps)
+        state.history.append(metrics)
         tqdm.write(
             f"fold {fold} epoch {epoch + 1}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}"
         )
-        better = (metrics["val_acc"], -metrics["val_loss"]) > (state["best_accuracy"], -state["best_loss"])
-        if better:
-            state["best_accuracy"], state["best_loss"] = metrics["val_acc"], metrics["val_loss"]
+        if (metrics["val_acc"], -metrics["val_loss"]) > (state.best_accuracy, -state.best_loss):
+            state.best_accuracy, state.best_loss = metrics["val_acc"], metrics["val_loss"]
             save_adapter(model, fold_dir / "best_adapter")
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
+        state.epoch += 1
+        state.step_in_epoch = 0
         checkpoint()
     progress.close()
 
-    result = {"fold": fold, "best_val_acc": state["best_accuracy"], "best_val_loss": state["best_loss"]}
-    result.update(skipped_steps=state["skipped_steps"], history=state["history"])
+    result = {"fold": fold, "best_val_acc": state.best_accuracy, "best_val_loss": state.best_loss}
+    result.update(
+        skipped_steps=state.skipped_steps,
+        optimizer_steps=state.global_step,
+        micro_batch=state.micro_batch,
+        train_seconds=state.train_seconds,
+        data_wait_seconds=state.data_wait_seconds,
+        peak_gpu_gib=[torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())],
+        nonfinite_steps=state.nonfinite_steps,
+        history=state.history,
+    )
     atomic_write_text(fold_dir / "result.json", json.dumps(result, indent=2))
     release_memory()
     return result
@@ -1761,11 +1958,19 @@ def fold_result(cfg: Config, fold: int) -> dict:
 
 def save_adapter(model, path: Path) -> None:
     """Adapter weights only (a few MB), replaced atomically."""
+    check_finite({k: v for k, v in model.named_parameters() if v.requires_grad}, path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def fold_table(results: list[dict]) -> pd.DataFrame:
+    """One row per fold for the notebook: best metrics, steps (skipped ones too), micro-batch, time. The per-epoch
+    history and the non-finite step records stay in each fold's result.json."""
+    table = pd.DataFrame(results)
+    return table.drop(columns=[c for c in ("history", "nonfinite_steps", "peak_gpu_gib") if c in table])
 
 
 def train_folds(base_model, processor, folds: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -1779,7 +1984,7 @@ def train_folds(base_model, processor, folds: pd.DataFrame, cfg: Config) -> pd.D
         model = attach_lora(base_model, cfg)
         results.append(fit(model, processor, folds, fold, cfg))
         base_model = detach_lora(model)
-    return pd.DataFrame(results).drop(columns="history")
+    return fold_table(results)
 
 
 def train_folds_on_gpus(
@@ -1804,7 +2009,7 @@ def train_folds_on_gpus(
             f"{processes - to_train % processes} GPU(s) idle (n_folds a multiple of {processes} keeps all busy)"
         )
     mp.start_processes(_train_share, args=(processes, folds, test, cfg), nprocs=processes, start_method="spawn")
-    return pd.DataFrame([fold_result(cfg, fold) for fold in cfg.folds_to_train]).drop(columns="history")
+    return fold_table([fold_result(cfg, fold) for fold in cfg.folds_to_train])
 
 
 def fold_shares(cfg: Config, processes: int) -> list[tuple[int, ...]]:
@@ -1816,12 +2021,18 @@ def fold_shares(cfg: Config, processes: int) -> list[tuple[int, ...]]:
 
 def _train_share(rank: int, processes: int, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> None:
     """One train_folds_on_gpus process: its own model on GPU `rank`, and its share of the folds."""
+    cpus = len(os.sched_getaffinity(0))  # Kaggle: 4
     share = dataclasses.replace(
         cfg,
         train_folds=fold_shares(cfg, processes)[rank],
         gpu=rank if torch.cuda.is_available() else None,
         parallel_folds=False,
+        # Each process gets its part of the CPU cores: one for its own thread (it launches the GPU kernels), the rest
+        # for DataLoader workers. Left at their defaults, every process ran as many torch threads as the machine has
+        # cores, and two processes side by side were slower than one after the other.
+        num_workers=min(cfg.num_workers, max(1, cpus // processes - 1)),
     )
+    torch.set_num_threads(max(1, cpus // processes))
     if torch.cuda.is_available():
         torch.cuda.set_device(rank)  # the default device of memory stats and new tensors
     if share.train_folds:
@@ -1829,6 +2040,15 @@ def _train_share(rank: int, processes: int, folds: pd.DataFrame, test: pd.DataFr
         train_folds(model, processor, folds, share)
         for fold in share.train_folds:
             score_member(model, processor, f"fold{fold}", folds, test, share)
+
+
+def use_parallel_folds(cfg: Config, model) -> bool:
+    """cfg.parallel_folds, or where it is None: two or more GPUs, two or more folds to train, and a model that the
+    device plan put on one GPU (so every GPU can hold a copy)."""
+    if cfg.parallel_folds is not None:
+        return cfg.parallel_folds
+    on_one_gpu = len(set(getattr(model, "hf_device_map", {"": "cpu"}).values()) - {"cpu"}) == 1
+    return torch.cuda.device_count() >= 2 and len(cfg.folds_to_train) >= 2 and on_one_gpu
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1869,7 +2089,8 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     batches = length_sorted_batches(df, cfg.eval_batch_size)
     out = torch.empty(len(df), 4)
     micro = cfg.eval_batch_size  # halved on out-of-memory, and kept for the batches after
-    autocast = autocast_context(device) if compute_dtype() == torch.float16 else contextlib.nullcontext
+    dtype = compute_dtype(cfg.precision)
+    autocast = autocast_context(device, dtype) if dtype == torch.float16 else contextlib.nullcontext
     for batch in tqdm(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
         while True:
             try:
@@ -1878,7 +2099,9 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
                         logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
                     out[chunk["index"]] = logits.float().log_softmax(-1)[:, letter_ids.to(logits.device)].cpu()
                 break
-            except torch.OutOfMemoryError:
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
                 release_memory()
                 if micro == 1:
                     raise out_of_memory_at_one(cfg, "in inference at batch size 1") from None
@@ -1889,7 +2112,7 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     if broken.any():
         raise FloatingPointError(
             f"{broken.sum()} of {len(df)} rows got non-finite letter scores (the model overflowed in "
-            f"{compute_dtype()}): ids {_preview(df['id'][broken])}"
+            f"{dtype}): ids {_preview(df['id'][broken])}"
         )
     return out.numpy()
 

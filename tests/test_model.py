@@ -1,5 +1,7 @@
 """Loading through from_pretrained, LoRA placement, and what a training step may and may not change."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,8 @@ def test_training_step_moves_lora_and_nothing_else(tiny_model_dirs, tmp_path, sa
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batch = one_batch(processor, sample_data[0].head(4))
-    helpers.accumulate_gradients(peft_model, batch, 2, scaler, helpers.autocast_context(torch.device("cpu")))
+    autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
+    helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
     optimizer.step()
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; the step moved it
@@ -79,7 +82,7 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dirs, tmp_path, s
             torch.nn.init.normal_(p, std=0.02)
     batch = one_batch(processor, sample_data[0].head(6))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    autocast = helpers.autocast_context(torch.device("cpu"))
+    autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
     grads = []
     for micro in (6, 1, 4):
         peft_model.zero_grad()
@@ -106,7 +109,7 @@ def test_answer_loss_equals_full_logits_loss(tiny_model_dirs, tmp_path, sample_d
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_vision_attention_equals_image_by_image(arch, tiny_model_dirs, tmp_path):
     model, processor = helpers.load_model_and_processor(cfg_for(arch, tiny_model_dirs, tmp_path))
-    modules = [m for m in model.modules() if type(m).__name__ in helpers.VISION_ATTENTION_CLASSES]
+    modules = helpers.vision_attention_modules(model)
     assert modules and all("forward" in vars(m) for m in modules)  # load_model_and_processor batched them all
     # Images of several shapes, so that some attention groups hold one image and some several (and, in Qwen2.5-VL,
     # windows of several sizes).
@@ -123,3 +126,21 @@ def test_batched_vision_attention_equals_image_by_image(arch, tiny_model_dirs, t
         stock = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
     torch.testing.assert_close(batched.last_hidden_state, stock.last_hidden_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched.pooler_output, stock.pooler_output, rtol=1e-5, atol=1e-5)
+
+
+def test_a_vision_attention_class_that_is_not_found_is_an_error(tiny_model_dirs, tmp_path, monkeypatch):
+    """A transformers release that renames the class must not silently leave the slow image-by-image path on."""
+    model, _ = helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path))
+    renamed = helpers.ModelFamily("Qwen3VLForConditionalGeneration", "Qwen3VLVisionAttentionV2")
+    monkeypatch.setitem(helpers.MODEL_FAMILIES, "qwen3_vl", renamed)
+    with pytest.raises(RuntimeError, match="no Qwen3VLVisionAttentionV2 module in this qwen3_vl model"):
+        helpers.batch_vision_attention(model)
+
+
+def test_an_unsupported_model_stops_before_loading(tiny_model_dirs, tmp_path):
+    config = json.loads((tiny_model_dirs["qwen3_vl"] / "config.json").read_text())
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    cfg = helpers.Config(profile="smoke", model_id=str(tmp_path / "model"), output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="model_type 'llava' is not supported; supported: .*qwen3_vl"):
+        helpers.load_model_and_processor(cfg)

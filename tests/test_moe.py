@@ -110,7 +110,7 @@ def test_training_step_moves_lora_only_and_keeps_experts_in_4_bits(moe_dir, tmp_
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batch = one_batch(processor, sample_data[0].head(4), train=True)
-    loss = helpers.accumulate_gradients(peft_model, batch, 2, scaler, helpers.autocast_context(CPU))
+    loss = helpers.accumulate_gradients(peft_model, batch, 2, scaler, helpers.autocast_context(CPU, torch.float32))
     assert torch.isfinite(torch.tensor(loss)) and loss > 0
     with_grad = [n for n, p in peft_model.named_parameters() if p.grad is not None]
     assert with_grad and all("lora_" in n for n in with_grad)

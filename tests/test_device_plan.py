@@ -1,0 +1,54 @@
+"""Where the 4-bit weights go, planned on an empty (meta-device) model at the real sizes: no GPU, no weights."""
+
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from conftest import ROOT
+from transformers import BitsAndBytesConfig
+
+import helpers
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import bench_moe  # noqa: E402 (the real Qwen3-VL-30B-A3B sizes)
+import common  # noqa: E402 (the real Qwen3-VL-2B/8B sizes)
+
+T4_X2 = {0: 15.0, 1: 15.0}  # GiB, as Kaggle's two T4s
+
+
+def nf4(dtype=torch.float16):
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_30b(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("30b")
+    template = helpers.build_tiny_model(root / "template", "qwen3_vl_moe")
+    bench_moe.moe_config(template, bench_moe.REAL_LAYERS, tiny=False).save_pretrained(root / "config")
+    return str(root / "config")
+
+
+def test_the_30b_moe_is_split_over_two_t4s(qwen3_vl_30b):
+    quantization = helpers.moe_load_kwargs(qwen3_vl_30b, {"dtype": torch.float16, "quantization_config": nf4()})
+    device_map = helpers.plan_device_map(qwen3_vl_30b, quantization["quantization_config"], torch.float16, T4_X2)
+    placed = Counter(device_map.values())
+    assert set(placed) == {0, 1}  # both GPUs, never the CPU or the disk
+    layers = [k for k in device_map if k.startswith("model.language_model.layers.")]
+    assert len(layers) == bench_moe.REAL_LAYERS  # one entry per decoder layer: layers are not split
+    assert min(placed.values()) >= 10  # spread, not one GPU filled to the brim
+
+
+def test_a_model_too_large_stops_before_loading_and_says_why(qwen3_vl_30b):
+    quantization = helpers.moe_load_kwargs(qwen3_vl_30b, {"dtype": torch.float16, "quantization_config": nf4()})
+    with pytest.raises(ValueError, match=r"30b.*does not fit: its 4-bit weights take 1\d\.\d GiB.*cuda:0 15\.0 GiB"):
+        helpers.plan_device_map(qwen3_vl_30b, quantization["quantization_config"], torch.float16, {0: 15.0})
+
+
+def test_a_model_that_fits_one_gpu_goes_on_one(tmp_path, tiny_model_dirs):
+    config = common.real_size_config("8b", tiny_model_dirs["qwen3_vl"])
+    config.save_pretrained(tmp_path)
+    assert helpers.plan_device_map(str(tmp_path), nf4(), torch.float16, T4_X2) == {"": 0}
+    assert helpers.plan_device_map(str(tmp_path), nf4(), torch.float16, {1: 15.0}) == {"": 1}  # a fold's process
