@@ -203,19 +203,21 @@ def weights_report(model, layers: int) -> dict:
 
 
 class QLoRAStep:
-    """One optimizer step as helpers.fit takes it (micro-batch 1): AdamW on the LoRA weights, GradScaler, autocast."""
+    """One optimizer step as helpers.fit takes it (micro-batch 1): AdamW on the LoRA weights, GradScaler, autocast,
+    helpers.optimizer_step (unscale, clip, skip a non-finite gradient)."""
 
-    def __init__(self, model, batch: dict, lr: float):
+    def __init__(self, model, batch: dict, cfg: helpers.Config):
         device = helpers.input_device(model)
-        self.model, self.batch = model, batch
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=helpers.compute_dtype() == torch.float16)
-        self.autocast = helpers.autocast_context(device)
+        dtype = helpers.compute_dtype(cfg.precision)
+        self.model, self.batch, self.max_grad_norm = model, batch, cfg.max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.autocast = helpers.autocast_context(device, dtype)
 
     def __call__(self) -> float:
         loss = helpers.accumulate_gradients(self.model, self.batch, 1, self.scaler, self.autocast)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        helpers.optimizer_step(self.optimizer, self.scaler, self.params, self.max_grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -231,7 +233,7 @@ def training_steps(base, processor, rows, checkpoint: Path, workdir: Path, steps
         model.train()
         dataset = helpers.VQADataset(longest, cfg.image_size, train=True)
         batch = helpers.VQACollator(processor, train=True)([dataset[0]])
-        step = QLoRAStep(model, batch, cfg.lr)
+        step = QLoRAStep(model, batch, cfg)
         step()  # warm-up: kernels, allocator, optimizer state
         common.sync()
         common.reset_peak()
@@ -257,15 +259,15 @@ def training_steps(base, processor, rows, checkpoint: Path, workdir: Path, steps
 
 
 def bench_helpers_loader(checkpoint: Path, layers: int, rows, workdir: Path, args) -> dict:
-    cfg = helpers.Config(profile="safe", model_id=str(checkpoint), output_dir=str(workdir / "out"))
-    if args.max_memory_gib:
-        cfg.max_memory_gib = args.max_memory_gib
+    cfg = helpers.Config(
+        profile="safe", model_id=str(checkpoint), output_dir=str(workdir / "out"), gpu_memory_cap_gib=args.cap_gib
+    )
     common.reset_peak()
     with HostMemory() as host:
         start = time.perf_counter()
         model, processor = helpers.load_model_and_processor(cfg)
         load_s = time.perf_counter() - start
-    result = {"load_s": load_s, "max_memory_gib": cfg.max_memory_gib, **host.report()}
+    result = {"load_s": load_s, "gpu_memory_cap_gib": cfg.gpu_memory_cap_gib, **host.report()}
     result["load_peak_gib_per_device"] = per_device_gib(torch.cuda.max_memory_allocated)
     result["devices"] = sorted({str(p.device) for p in model.parameters()})  # hf_device_map is unset on one GPU
     storage = helpers.expert_storage(model)
@@ -317,7 +319,7 @@ def main() -> None:
     parser = common.base_parser(__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12, help="decoder layers at the real widths (48 in the model)")
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per image size (median)")
-    parser.add_argument("--max-memory-gib", type=float, default=None, help="per GPU; default: the safe level's")
+    parser.add_argument("--cap-gib", type=float, default=None, help="GPU memory per GPU (helpers' device plan)")
     parser.add_argument("--skip-default", action="store_true", help="skip transformers' default load")
     args = parser.parse_args()
     if args.tiny:

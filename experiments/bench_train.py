@@ -43,13 +43,6 @@ MFU_FORMULA = (
 )
 
 
-def is_oom(error: BaseException) -> bool:
-    """The caching allocator's OutOfMemoryError, or a library that ran out while allocating its own workspace."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(s in str(error) for s in ("out of memory", "ALLOC_FAILED"))
-
-
 # -- What both ways share ---------------------------------------------------------------------------------------------
 
 
@@ -60,15 +53,13 @@ class Optimizer:
         device = helpers.input_device(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=helpers.compute_dtype() == torch.float16)
-        self.autocast = helpers.autocast_context(device)
+        dtype = helpers.compute_dtype(cfg.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.autocast = helpers.autocast_context(device, dtype)
         self.max_grad_norm = cfg.max_grad_norm
 
     def step(self) -> None:
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        helpers.optimizer_step(self.optimizer, self.scaler, self.params, self.max_grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
 
     def discard(self) -> None:
@@ -217,7 +208,7 @@ def project_way_auto(model, processor, cfg, df, batches, steps: int, info: dict,
         try:
             result = project_way(model, processor, cfg, df, batches, steps, micro_batch, info, tflops)
         except Exception as error:
-            if not is_oom(error):
+            if not helpers.is_out_of_memory(error):
                 raise
             oom = True  # cleaned up below, once the exception (and the tensors its frames hold) is gone
         if not oom:
@@ -257,7 +248,7 @@ def memory_levels(model, processor, df, checkpoint: Path, workdir: Path, cap: fl
             record = project_step(model, dataset, collator, indices, cfg.batch_size, opt)
             common.sync()
         except Exception as e:
-            if not is_oom(e):
+            if not helpers.is_out_of_memory(e):
                 raise
             error = str(e).splitlines()[0][:200]
         if error is None:

@@ -216,8 +216,8 @@ def load(path: Path, workdir: Path, image_size: int = 384, profile: str = "safe"
 @contextlib.contextmanager
 def image_by_image_vision_attention(model):
     """transformers' own vision attention (one SDPA call per image), as the original notebooks ran it."""
-    for module in model.modules():
-        if type(module).__name__ in helpers.VISION_ATTENTION_CLASSES and "forward" in vars(module):
+    for module in helpers.vision_attention_modules(model):
+        if "forward" in vars(module):
             del module.forward
     try:
         yield

@@ -75,7 +75,7 @@ def kernel_table(model, batch: dict, device, context, top: int = 25) -> list[dic
 
 def time_forwards(model, processor, batches, device, autocast: bool) -> tuple[dict, np.ndarray]:
     letter_ids = helpers.letter_token_ids(processor.tokenizer)
-    context = helpers.autocast_context(device) if autocast else contextlib.nullcontext
+    context = helpers.autocast_context(device, helpers.compute_dtype()) if autocast else contextlib.nullcontext
     # Two passes: the first meets new shapes (cuDNN attention plans them).
     passes = [forward_only(model, batches, device, context, letter_ids) for _ in range(2)]
     r = {"forward_s": [seconds for seconds, _ in passes], "vision_s": vision_only(model, batches, device, context)}

@@ -2,6 +2,7 @@
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
 #   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe)
+#   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
 # "$OUT/" (the folder whose files come back from the GPU machine). The benchmarks write their JSON after every model,
 # so one cut short by its timeout still leaves what it measured.
@@ -32,7 +33,7 @@ EOF
 python3 -c 'import peft' 2>/dev/null || echo "WARNING: no peft: bench_train (LoRA) will fail; put a peft wheel in .whl/"
 
 failures=()
-selected="${*:-infer profile train moe}"
+selected="${*:-infer profile train moe rehearse-8b rehearse-2b rehearse-30b rehearse-more}"
 # run NAME SECONDS SCRIPT [ARGS...]: one benchmark under a timeout; its log and JSON are copied to $OUT whatever happens.
 run() {
     local name=$1 limit=$2 script=$3
@@ -55,6 +56,28 @@ run() {
         echo "== $name: done in $((SECONDS - started)) s elapsed"
     fi
 }
+
+# rehearse NAME SECONDS ARGS...: one rehearsal run of the whole notebook (rehearse.py) on 4 CPU cores, as a Kaggle
+# session has, every GPU capped at 14.5 GiB; all runs go into results/rehearsal.json.
+rehearse() {
+    local name=$1 limit=$2
+    shift 2
+    [[ " $selected " == *" $name "* ]] || return 0
+    echo "== $name: rehearse.py $* (timeout ${limit} s, $((SECONDS - started)) s elapsed)"
+    python3 experiments/rehearse.py --out /dev/null --prepare-only "$@" 2>&1 | tail -n 2
+    MPLBACKEND=Agg timeout -s INT -k 30 "$limit" taskset -c 0-3 python3 experiments/rehearse.py \
+        --out experiments/results/rehearsal.json "$@" 2>&1 | tee -a "$OUT/$name.log" | grep -v "it/s\]$"
+    local rc=${PIPESTATUS[0]}
+    cp experiments/results/rehearsal.json "$OUT/" 2>/dev/null
+    [[ $rc -eq 0 ]] && echo "== $name: done in $((SECONDS - started)) s elapsed" || failures+=("$name:$rc")
+}
+
+rehearse rehearse-8b 330 --model 8b --level safe --precision fp16 --parallel off
+rehearse rehearse-8b 300 --model 8b --level safe --precision fp16 --parallel on
+# The run that stepped on a NaN gradient at step 24 before optimizer_step (1024 rows, seed 0, as it was then)
+rehearse rehearse-2b 240 --model 2b --level safe --precision bf16 --parallel off --train-rows 1024 --seed 0
+rehearse rehearse-30b 540 --model 30b --level safe --precision fp16
+rehearse rehearse-more 300 --model 8b --level high --precision bf16 --parallel on
 
 run infer 240 experiments/bench_infer.py --rows 512 --original-rows 64 --batch-sizes 16,32 --repeats 2
 run profile 240 experiments/profile_infer.py --models 8b --rows 512

@@ -20,13 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Kaggle_Qwen_VQA_AllInOne.ipynb"
 
 
-def run_cells(output_dir: Path) -> dict:
-    """Execute every code cell in order in one namespace, as "Run all" does; `display` prints."""
+def run_cells(output_dir: Path, precision: str) -> dict:
+    """Execute every code cell in order in one namespace, as "Run all" does; `display` prints. After the Config cell,
+    cfg.precision is set to `precision`."""
     os.environ.update(VQA_PROFILE="smoke", VQA_OUTPUT_DIR=str(output_dir))
     namespace = {"display": print, "__name__": "__main__"}
     cells = [c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
     for cell in cells:
         exec("".join(cell["source"]), namespace)  # noqa: S102 (the notebook's own code)
+        if "cfg = helpers.Config(" in "".join(cell["source"]):
+            namespace["cfg"].precision = precision
     results = [json.loads(p.read_text()) for p in sorted(output_dir.glob("fold*/result.json"))]
     return {
         "best_val_acc": [r["best_val_acc"] for r in results],
@@ -45,14 +48,13 @@ def main() -> None:
     import helpers
 
     summary = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    native = helpers.compute_dtype
-    for precision, dtype_fn in (("native", native), ("fp16", lambda: torch.float16)):
+    # native: the GPU's own precision ("auto"); fp16: what a T4 (no bf16) computes in, with the GradScaler on
+    for precision, config_value in (("native", "auto"), ("fp16", "fp16")):
         if args.precision not in ("both", precision):
             continue
-        helpers.compute_dtype = dtype_fn  # fp16: what a T4 (no bf16) computes in, with the GradScaler on
         start = time.perf_counter()
-        summary[precision] = run_cells(Path(args.out) / precision)
-        summary[precision].update(dtype=str(dtype_fn()), seconds=time.perf_counter() - start)
+        summary[precision] = run_cells(Path(args.out) / precision, config_value)
+        summary[precision].update(dtype=str(helpers.compute_dtype(config_value)), seconds=time.perf_counter() - start)
         print(precision, summary[precision], flush=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
 
