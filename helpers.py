@@ -417,27 +417,34 @@ def plot_eda(train: pd.DataFrame, test: pd.DataFrame, out_dir: str | os.PathLike
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def make_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
-    """`train` with a `fold` column, stratified on the answer letter (and task_type when present).
+def fold_strata(train: pd.DataFrame, n_folds: int) -> pd.Series:
+    """The label each row is stratified on: task_type|answer (answer alone without task_type), rare ones merged.
 
-    Strata rarer than the fold count cannot be split and are merged: first into their answer letter alone,
-    then into one 'rare' group.
+    A stratum with fewer rows than folds cannot be split. Its rows first join their answer letter's stratum (which
+    keeps the answers balanced); what is still too small joins the largest stratum, where it disturbs the balance
+    least. Stratification is never dropped.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     strata = train["answer"].copy()
     if "task_type" in train.columns:
         strata = train["task_type"].astype(str) + "|" + train["answer"]
         rare = strata.map(strata.value_counts()) < n_folds
         strata[rare] = train.loc[rare, "answer"]
-    rare = strata.map(strata.value_counts()) < n_folds
-    strata[rare] = "rare"
-    if strata.value_counts().min() < n_folds:  # even the merged group is too small: plain shuffled split
-        strata[:] = "all"
+    counts = strata.value_counts().sort_index()  # sorted, so a tie for the largest is broken the same way every run
+    rare = strata.map(counts) < n_folds
+    strata[rare] = counts.idxmax()
+    return strata
+
+
+def make_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+    """`train` with a `fold` column, stratified on the answer letter and task_type (fold_strata)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if len(train) < n_folds:
+        raise ValueError(f"{len(train)} training rows cannot make {n_folds} folds: lower n_folds in the Config cell")
     folds = train.copy()
     folds["fold"] = -1
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for fold, (_, val_idx) in enumerate(splitter.split(folds, strata)):
+    for fold, (_, val_idx) in enumerate(splitter.split(folds, fold_strata(train, n_folds))):
         folds.loc[folds.index[val_idx], "fold"] = fold
     return folds
 
