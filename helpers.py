@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 LETTERS = ("a", "b", "c", "d")
@@ -479,14 +479,63 @@ def build_messages(row: dict, order: tuple[int, ...] = (0, 1, 2, 3), answer: str
     return messages
 
 
+# Qwen-VL's image processors refuse an aspect ratio above 200 (smart_resize: "absolute aspect ratio must be smaller
+# than 200"). Longer strips are padded to half of that, with a mid grey that stands for nothing in the image.
+MAX_ASPECT_RATIO = 100
+PAD_COLOUR = (128, 128, 128)
+
+
 def load_image(path: str, image_size: int) -> Image.Image:
-    """RGB image whose longest side is at most image_size (aspect ratio kept); never upscaled."""
+    """RGB, upright, longest side at most image_size (aspect ratio kept, never upscaled), extreme strips padded.
+
+    The data check, training and inference all read images here, so an image that passed the check loads later.
+    """
     with Image.open(path) as image:
+        refuse_huge(image)
         # Shrink before converting: JPEGs then decode at a reduced scale (draft), and the colour conversion runs on
-        # the small image. Image loading was the largest CPU cost of a scoring pass.
+        # the small image. Image loading was the largest CPU cost of a scoring pass. Shrinking into a square box
+        # before turning the image upright gives the same size as after.
         image.draft("RGB", (image_size, image_size))
         image.thumbnail((image_size, image_size))
-        return image.convert("RGB")
+        return pad_to_aspect_ratio(upright_rgb(image))
+
+
+def refuse_huge(image: Image.Image) -> None:
+    """Images over PIL's decompression-bomb limit (89 megapixels by default) would take gigabytes to decode."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise ValueError(
+            f"{image.width} x {image.height} pixels, over PIL's decompression-bomb limit of {limit:,} pixels "
+            "(PIL.Image.MAX_IMAGE_PIXELS): shrink the image or raise the limit"
+        )
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A new RGB image as a viewer shows it: EXIF orientation applied, any mode converted keeping its contrast."""
+    image = ImageOps.exif_transpose(image)  # phone photos are often stored sideways with an Orientation tag
+    if image.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
+        # 16- and 32-bit greyscale: PIL's convert clips at 255, which turns most of such an image white. Scale it
+        # instead, from black at 0 to white at its brightest pixel (or at 255, so 8-bit values kept in 'I' stay).
+        pixels = np.asarray(image, dtype=np.float32).clip(0, None)
+        scaled = pixels * (255 / max(255.0, float(pixels.max())))
+        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # Transparent pixels hold arbitrary colours (often black): show them on white, as a viewer would.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")  # CMYK, P, L, 1, YCbCr ...
+
+
+def pad_to_aspect_ratio(image: Image.Image) -> Image.Image:
+    """`image`, centred on a PAD_COLOUR canvas when one side is more than MAX_ASPECT_RATIO times the other."""
+    width, height = image.size
+    short = math.ceil(max(width, height) / MAX_ASPECT_RATIO)
+    if min(width, height) >= short:
+        return image
+    size = (width, short) if width > height else (short, height)
+    canvas = Image.new("RGB", size, PAD_COLOUR)
+    canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return canvas
 
 
 def prompt_text(row: pd.Series | dict) -> str:
