@@ -18,19 +18,23 @@ Attach it to a Kaggle notebook as a utility script, or keep it next to the noteb
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import gc
 import glob
+import io
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import types
 import unicodedata
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,18 +297,37 @@ def _preview(items, limit: int = 5) -> str:
     return f"[{shown}{more}]"
 
 
-def read_table(path: Path, required: tuple[str, ...]) -> tuple[pd.DataFrame, list[str]]:
-    """Read a competition CSV as text (ids stay strings, a UTF-8 BOM is dropped) and list its problems."""
+def read_table(
+    path: Path, required: tuple[str, ...], may_be_blank: tuple[str, ...] = ()
+) -> tuple[pd.DataFrame | None, list[str]]:
+    """Read a competition CSV as text (ids stay strings) and list its problems; None when it cannot be used at all."""
     if not path.exists():
-        return pd.DataFrame(), [f"{path}: file not found"]
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        return None, [f"{path}: file not found"]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(csv_encoding(raw))
+    except UnicodeDecodeError as err:
+        return None, [
+            f"{path}: not UTF-8 or UTF-16 (byte {err.start} is {raw[err.start : err.start + 1]!r}); likely "
+            f"{likely_encoding(raw)}: save it as UTF-8 (Excel: 'CSV UTF-8')"
+        ]
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        return None, [f"{path}: empty file"]
+    except pd.errors.ParserError as err:
+        return None, [f"{path}: not a readable CSV: {err}"]
     df.columns = [c.strip().lower() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
-        return df, [f"{path}: missing columns {missing} (found {list(df.columns)})"]
+        return None, [f"{path}: missing columns {missing} (found {list(df.columns)})"]
+    if df.empty:
+        return None, [f"{path}: no rows, only a header"]
     problems = []
     for column in required:
         df[column] = df[column].str.strip()
+        if column in may_be_blank:
+            continue
         empty = df.loc[df[column] == "", "id"].tolist() if column != "id" else df.index[df["id"] == ""].tolist()
         if empty:
             problems.append(f"{path}: empty {column!r} in rows with id {_preview(empty)}")
@@ -314,50 +337,93 @@ def read_table(path: Path, required: tuple[str, ...]) -> tuple[pd.DataFrame, lis
     return df, problems
 
 
-def resolve_image_paths(df: pd.DataFrame, data_dir: Path, split: str, csv: Path) -> tuple[pd.Series, list[str]]:
-    """Absolute image paths: relative to the data dir, to its split folder (train/, test/), or absolute.
+def csv_encoding(raw: bytes) -> str:
+    """UTF-16 when the file starts with its byte-order mark, or with a zero byte next to the header's first (ASCII)
+    letter, as UTF-16 without a mark does; UTF-8 otherwise, with or without its byte-order mark."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if raw[1:2] == b"\x00":
+        return "utf-16-le"
+    if raw[:1] == b"\x00":
+        return "utf-16-be"
+    return "utf-8-sig"
 
-    Every image is opened and verified: a missing or broken image is an error, never replaced by a blank one.
+
+def likely_encoding(raw: bytes) -> str:
+    """A guess, for the error message, at the encoding of a CSV that is neither UTF-8 nor UTF-16."""
+    with contextlib.suppress(UnicodeDecodeError):
+        if re.search("[\uac00-\ud7a3]", raw.decode("cp949")):  # decodes to Hangul syllables
+            return "cp949 / EUC-KR (Korean Excel)"
+    return "a Windows code page such as cp1252 (Excel)"
+
+
+def find_image(data_dir: Path, split: str, raw: str) -> Path | None:
+    """An image path relative to the data dir, to its split folder (train/, test/), or absolute; None if absent."""
+    candidates = [data_dir / raw, data_dir / split / raw, data_dir / split / Path(raw).name, Path(raw)]
+    return next((c.resolve() for c in candidates if c.is_file()), None)
+
+
+def image_errors(paths: list[str], image_size: int, desc: str) -> list[str]:
+    """Why each image cannot be loaded ('' when it can), decoding every one with load_image as training will.
+
+    On threads: PIL releases the GIL while it decodes, so each CPU core decodes an image at a time.
     """
-    resolved, missing, broken = [], [], []
-    for row_id, raw in zip(df["id"], df["path"], strict=True):
-        candidates = [data_dir / raw, data_dir / split / raw, data_dir / split / Path(raw).name, Path(raw)]
-        path = next((c for c in candidates if c.is_file()), None)
-        if path is None:
-            missing.append(f"{row_id}: {raw}")
-            resolved.append("")
-            continue
+
+    def error(path: str) -> str:
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception:
-            broken.append(f"{row_id}: {raw}")
-        resolved.append(str(path.resolve()))
+            load_image(path, image_size)
+            return ""
+        except Exception as err:  # any failure here is the row's problem to report, whatever PIL raised
+            return f"{type(err).__name__}: {err}"
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return list(tqdm(pool.map(error, paths), total=len(paths), desc=desc, unit="image"))
+
+
+def resolve_image_paths(
+    df: pd.DataFrame, data_dir: Path, split: str, csv: Path, image_size: int
+) -> tuple[pd.Series, list[str]]:
+    """Absolute image paths, each image decoded once here: a missing, truncated, corrupt or oversized image is an
+    error now, never a crash hours into training or inference, and never replaced by a blank one."""
+    found = [find_image(data_dir, split, raw) for raw in df["path"]]
+    missing = [f"{i}: {raw}" for i, raw, path in zip(df["id"], df["path"], found, strict=True) if path is None]
+    rows = [(i, raw, str(path)) for i, raw, path in zip(df["id"], df["path"], found, strict=True) if path]
+    errors = image_errors([path for _, _, path in rows], image_size, desc=f"{split} images")
+    broken = [f"{i}: {raw}: {error}" for (i, raw, _), error in zip(rows, errors, strict=True) if error]
     problems = []
     if missing:
         problems.append(f"{csv}: images not found (id: path) {_preview(missing)}")
     if broken:
-        problems.append(f"{csv}: images unreadable (id: path) {_preview(broken)}")
-    return pd.Series(resolved, index=df.index), problems
+        problems.append(f"{csv}: images unreadable (id: path: reason) {_preview(broken)}")
+    return pd.Series([str(p or "") for p in found], index=df.index), problems
 
 
-def load_competition_data(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train, test, sample_submission), validated up front; one ValueError lists every problem found."""
+def load_competition_data(
+    data_dir: str | os.PathLike, image_size: int = 512
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, test, sample_submission), validated up front; one ValueError lists every problem found.
+
+    Every image is decoded at `image_size` (the Config's) through load_image, as training and inference read it.
+    """
     data_dir = Path(data_dir)
     train, problems = read_table(data_dir / "train.csv", TRAIN_COLUMNS)
     test, test_problems = read_table(data_dir / "test.csv", TEST_COLUMNS)
-    sample, sample_problems = read_table(data_dir / "sample_submission.csv", ("id", "answer"))
+    # Competitions often ship sample_submission.csv with the answer column blank: it only has to exist.
+    sample, sample_problems = read_table(data_dir / "sample_submission.csv", ("id", "answer"), may_be_blank=("answer",))
     problems += test_problems + sample_problems
 
-    if not any("missing columns" in p or "not found" in p for p in problems):
+    if train is not None:
         train["answer"] = train["answer"].str.lower().str.replace(r"\s+", "", regex=True)
         bad = train.loc[~train["answer"].isin(LETTERS)]
         if len(bad):
             culprits = [f"{i}: {a!r}" for i, a in zip(bad["id"], bad["answer"], strict=True)]
             problems.append(f"{data_dir / 'train.csv'}: answers not in a-d (id: answer) {_preview(culprits)}")
-        for df, split in ((train, "train"), (test, "test")):
-            df["image_path"], image_problems = resolve_image_paths(df, data_dir, split, data_dir / f"{split}.csv")
+    for df, split in ((train, "train"), (test, "test")):
+        if df is not None:
+            csv = data_dir / f"{split}.csv"
+            df["image_path"], image_problems = resolve_image_paths(df, data_dir, split, csv, image_size)
             problems += image_problems
+    if test is not None and sample is not None:
         only_test = sorted(set(test["id"]) - set(sample["id"]))
         only_sample = sorted(set(sample["id"]) - set(test["id"]))
         if only_test or only_sample:
@@ -365,6 +431,7 @@ def load_competition_data(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd
                 f"{data_dir / 'sample_submission.csv'}: ids differ from test.csv: "
                 f"missing {_preview(only_test)}, unknown {_preview(only_sample)}"
             )
+    if train is not None and test is not None:
         overlap = sorted(set(train["id"]) & set(test["id"]))
         if overlap:
             problems.append(f"{data_dir}: ids in both train.csv and test.csv {_preview(overlap)}")
