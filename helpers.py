@@ -579,7 +579,9 @@ def refuse_huge(image: Image.Image) -> None:
 
 def upright_rgb(image: Image.Image) -> Image.Image:
     """A new RGB image as a viewer shows it: EXIF orientation applied, any mode converted keeping its contrast."""
-    image = ImageOps.exif_transpose(image)  # phone photos are often stored sideways with an Orientation tag
+    # Phone photos are often stored sideways with an Orientation tag. exif_transpose returns a new image either way
+    # (a copy when there is nothing to turn), so an RGB one needs no further copy: the common case costs one copy.
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
         # 16- and 32-bit greyscale: PIL's convert clips at 255, which turns most of such an image white. Scale it
         # instead, from black at 0 to white at its brightest pixel (or at 255, so 8-bit values kept in 'I' stay).
@@ -590,7 +592,7 @@ def upright_rgb(image: Image.Image) -> Image.Image:
         # Transparent pixels hold arbitrary colours (often black): show them on white, as a viewer would.
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")  # CMYK, P, L, 1, YCbCr ...
+    return image if image.mode == "RGB" else image.convert("RGB")  # CMYK, P, L, 1, YCbCr ...
 
 
 def pad_to_aspect_ratio(image: Image.Image) -> Image.Image:
