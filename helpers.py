@@ -568,7 +568,7 @@ def load_image(path: str, image_size: int) -> Image.Image:
 
 
 def refuse_huge(image: Image.Image) -> None:
-    """Images over PIL's decompression-bomb limit (89 megapixels by default) would take gigabytes to decode."""
+    """Refuse an image over PIL's decompression-bomb limit (89 megapixels by default): it takes gigabytes to decode."""
     limit = Image.MAX_IMAGE_PIXELS
     if limit and image.width * image.height > limit:
         raise ValueError(
