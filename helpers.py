@@ -18,21 +18,25 @@ Attach it to a Kaggle notebook as a utility script, or keep it next to the noteb
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import gc
 import glob
+import io
 import json
 import math
 import multiprocessing as mp
 import os
 import random
+import re
 import shutil
 import sys
 import time
 import types
 import unicodedata
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 LETTERS = ("a", "b", "c", "d")
@@ -302,18 +306,37 @@ def _preview(items, limit: int = 5) -> str:
     return f"[{shown}{more}]"
 
 
-def read_table(path: Path, required: tuple[str, ...]) -> tuple[pd.DataFrame, list[str]]:
-    """Read a competition CSV as text (ids stay strings, a UTF-8 BOM is dropped) and list its problems."""
+def read_table(
+    path: Path, required: tuple[str, ...], may_be_blank: tuple[str, ...] = ()
+) -> tuple[pd.DataFrame | None, list[str]]:
+    """Read a competition CSV as text (ids stay strings) and list its problems; None when it cannot be used at all."""
     if not path.exists():
-        return pd.DataFrame(), [f"{path}: file not found"]
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        return None, [f"{path}: file not found"]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(csv_encoding(raw))
+    except UnicodeDecodeError as err:
+        return None, [
+            f"{path}: not UTF-8 or UTF-16 (byte {err.start} is {raw[err.start : err.start + 1]!r}); likely "
+            f"{likely_encoding(raw)}: save it as UTF-8 (Excel: 'CSV UTF-8')"
+        ]
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        return None, [f"{path}: empty file"]
+    except pd.errors.ParserError as err:
+        return None, [f"{path}: not a readable CSV: {err}"]
     df.columns = [c.strip().lower() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
-        return df, [f"{path}: missing columns {missing} (found {list(df.columns)})"]
+        return None, [f"{path}: missing columns {missing} (found {list(df.columns)})"]
+    if df.empty:
+        return None, [f"{path}: no rows, only a header"]
     problems = []
     for column in required:
         df[column] = df[column].str.strip()
+        if column in may_be_blank:
+            continue
         empty = df.loc[df[column] == "", "id"].tolist() if column != "id" else df.index[df["id"] == ""].tolist()
         if empty:
             problems.append(f"{path}: empty {column!r} in rows with id {_preview(empty)}")
@@ -323,50 +346,93 @@ def read_table(path: Path, required: tuple[str, ...]) -> tuple[pd.DataFrame, lis
     return df, problems
 
 
-def resolve_image_paths(df: pd.DataFrame, data_dir: Path, split: str, csv: Path) -> tuple[pd.Series, list[str]]:
-    """Absolute image paths: relative to the data dir, to its split folder (train/, test/), or absolute.
+def csv_encoding(raw: bytes) -> str:
+    """UTF-16 when the file starts with its byte-order mark, or with a zero byte next to the header's first (ASCII)
+    letter, as UTF-16 without a mark does; UTF-8 otherwise, with or without its byte-order mark."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if raw[1:2] == b"\x00":
+        return "utf-16-le"
+    if raw[:1] == b"\x00":
+        return "utf-16-be"
+    return "utf-8-sig"
 
-    Every image is opened and verified: a missing or broken image is an error, never replaced by a blank one.
+
+def likely_encoding(raw: bytes) -> str:
+    """A guess, for the error message, at the encoding of a CSV that is neither UTF-8 nor UTF-16."""
+    with contextlib.suppress(UnicodeDecodeError):
+        if re.search("[\uac00-\ud7a3]", raw.decode("cp949")):  # decodes to Hangul syllables
+            return "cp949 / EUC-KR (Korean Excel)"
+    return "a Windows code page such as cp1252 (Excel)"
+
+
+def find_image(data_dir: Path, split: str, raw: str) -> Path | None:
+    """An image path relative to the data dir, to its split folder (train/, test/), or absolute; None if absent."""
+    candidates = [data_dir / raw, data_dir / split / raw, data_dir / split / Path(raw).name, Path(raw)]
+    return next((c.resolve() for c in candidates if c.is_file()), None)
+
+
+def image_errors(paths: list[str], image_size: int, desc: str) -> list[str]:
+    """Why each image cannot be loaded ('' when it can), decoding every one with load_image as training will.
+
+    On threads: PIL releases the GIL while it decodes, so each CPU core decodes an image at a time.
     """
-    resolved, missing, broken = [], [], []
-    for row_id, raw in zip(df["id"], df["path"], strict=True):
-        candidates = [data_dir / raw, data_dir / split / raw, data_dir / split / Path(raw).name, Path(raw)]
-        path = next((c for c in candidates if c.is_file()), None)
-        if path is None:
-            missing.append(f"{row_id}: {raw}")
-            resolved.append("")
-            continue
+
+    def error(path: str) -> str:
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception:
-            broken.append(f"{row_id}: {raw}")
-        resolved.append(str(path.resolve()))
+            load_image(path, image_size)
+            return ""
+        except Exception as err:  # any failure here is the row's problem to report, whatever PIL raised
+            return f"{type(err).__name__}: {err}"
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return list(tqdm(pool.map(error, paths), total=len(paths), desc=desc, unit="image"))
+
+
+def resolve_image_paths(
+    df: pd.DataFrame, data_dir: Path, split: str, csv: Path, image_size: int
+) -> tuple[pd.Series, list[str]]:
+    """Absolute image paths, each image decoded once here: a missing, truncated, corrupt or oversized image is an
+    error now, never a crash hours into training or inference, and never replaced by a blank one."""
+    found = [find_image(data_dir, split, raw) for raw in df["path"]]
+    missing = [f"{i}: {raw}" for i, raw, path in zip(df["id"], df["path"], found, strict=True) if path is None]
+    rows = [(i, raw, str(path)) for i, raw, path in zip(df["id"], df["path"], found, strict=True) if path]
+    errors = image_errors([path for _, _, path in rows], image_size, desc=f"{split} images")
+    broken = [f"{i}: {raw}: {error}" for (i, raw, _), error in zip(rows, errors, strict=True) if error]
     problems = []
     if missing:
         problems.append(f"{csv}: images not found (id: path) {_preview(missing)}")
     if broken:
-        problems.append(f"{csv}: images unreadable (id: path) {_preview(broken)}")
-    return pd.Series(resolved, index=df.index), problems
+        problems.append(f"{csv}: images unreadable (id: path: reason) {_preview(broken)}")
+    return pd.Series([str(p or "") for p in found], index=df.index), problems
 
 
-def load_competition_data(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train, test, sample_submission), validated up front; one ValueError lists every problem found."""
+def load_competition_data(
+    data_dir: str | os.PathLike, image_size: int = 512
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, test, sample_submission), validated up front; one ValueError lists every problem found.
+
+    Every image is decoded at `image_size` (the Config's) through load_image, as training and inference read it.
+    """
     data_dir = Path(data_dir)
     train, problems = read_table(data_dir / "train.csv", TRAIN_COLUMNS)
     test, test_problems = read_table(data_dir / "test.csv", TEST_COLUMNS)
-    sample, sample_problems = read_table(data_dir / "sample_submission.csv", ("id", "answer"))
+    # Competitions often ship sample_submission.csv with the answer column blank: it only has to exist.
+    sample, sample_problems = read_table(data_dir / "sample_submission.csv", ("id", "answer"), may_be_blank=("answer",))
     problems += test_problems + sample_problems
 
-    if not any("missing columns" in p or "not found" in p for p in problems):
+    if train is not None:
         train["answer"] = train["answer"].str.lower().str.replace(r"\s+", "", regex=True)
         bad = train.loc[~train["answer"].isin(LETTERS)]
         if len(bad):
             culprits = [f"{i}: {a!r}" for i, a in zip(bad["id"], bad["answer"], strict=True)]
             problems.append(f"{data_dir / 'train.csv'}: answers not in a-d (id: answer) {_preview(culprits)}")
-        for df, split in ((train, "train"), (test, "test")):
-            df["image_path"], image_problems = resolve_image_paths(df, data_dir, split, data_dir / f"{split}.csv")
+    for df, split in ((train, "train"), (test, "test")):
+        if df is not None:
+            csv = data_dir / f"{split}.csv"
+            df["image_path"], image_problems = resolve_image_paths(df, data_dir, split, csv, image_size)
             problems += image_problems
+    if test is not None and sample is not None:
         only_test = sorted(set(test["id"]) - set(sample["id"]))
         only_sample = sorted(set(sample["id"]) - set(test["id"]))
         if only_test or only_sample:
@@ -374,6 +440,7 @@ def load_competition_data(data_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd
                 f"{data_dir / 'sample_submission.csv'}: ids differ from test.csv: "
                 f"missing {_preview(only_test)}, unknown {_preview(only_sample)}"
             )
+    if train is not None and test is not None:
         overlap = sorted(set(train["id"]) & set(test["id"]))
         if overlap:
             problems.append(f"{data_dir}: ids in both train.csv and test.csv {_preview(overlap)}")
@@ -426,27 +493,34 @@ def plot_eda(train: pd.DataFrame, test: pd.DataFrame, out_dir: str | os.PathLike
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def make_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
-    """`train` with a `fold` column, stratified on the answer letter (and task_type when present).
+def fold_strata(train: pd.DataFrame, n_folds: int) -> pd.Series:
+    """The label each row is stratified on: task_type|answer (answer alone without task_type), rare ones merged.
 
-    Strata rarer than the fold count cannot be split and are merged: first into their answer letter alone,
-    then into one 'rare' group.
+    A stratum with fewer rows than folds cannot be split. Its rows first join their answer letter's stratum (which
+    keeps the answers balanced); what is still too small joins the largest stratum, where it disturbs the balance
+    least. Stratification is never dropped.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     strata = train["answer"].copy()
     if "task_type" in train.columns:
         strata = train["task_type"].astype(str) + "|" + train["answer"]
         rare = strata.map(strata.value_counts()) < n_folds
         strata[rare] = train.loc[rare, "answer"]
-    rare = strata.map(strata.value_counts()) < n_folds
-    strata[rare] = "rare"
-    if strata.value_counts().min() < n_folds:  # even the merged group is too small: plain shuffled split
-        strata[:] = "all"
+    counts = strata.value_counts().sort_index()  # sorted, so a tie for the largest is broken the same way every run
+    rare = strata.map(counts) < n_folds
+    strata[rare] = counts.idxmax()
+    return strata
+
+
+def make_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+    """`train` with a `fold` column, stratified on the answer letter and task_type (fold_strata)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if len(train) < n_folds:
+        raise ValueError(f"{len(train)} training rows cannot make {n_folds} folds: lower n_folds in the Config cell")
     folds = train.copy()
     folds["fold"] = -1
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for fold, (_, val_idx) in enumerate(splitter.split(folds, strata)):
+    for fold, (_, val_idx) in enumerate(splitter.split(folds, fold_strata(train, n_folds))):
         folds.loc[folds.index[val_idx], "fold"] = fold
     return folds
 
@@ -481,14 +555,65 @@ def build_messages(row: dict, order: tuple[int, ...] = (0, 1, 2, 3), answer: str
     return messages
 
 
+# Qwen-VL's image processors refuse an aspect ratio above 200 (smart_resize: "absolute aspect ratio must be smaller
+# than 200"). Longer strips are padded to half of that, with a mid grey that stands for nothing in the image.
+MAX_ASPECT_RATIO = 100
+PAD_COLOUR = (128, 128, 128)
+
+
 def load_image(path: str, image_size: int) -> Image.Image:
-    """RGB image whose longest side is at most image_size (aspect ratio kept); never upscaled."""
+    """RGB, upright, longest side at most image_size (aspect ratio kept, never upscaled), extreme strips padded.
+
+    The data check, training and inference all read images here, so an image that passed the check loads later.
+    """
     with Image.open(path) as image:
+        refuse_huge(image)
         # Shrink before converting: JPEGs then decode at a reduced scale (draft), and the colour conversion runs on
-        # the small image. Image loading was the largest CPU cost of a scoring pass.
+        # the small image. Image loading was the largest CPU cost of a scoring pass. Shrinking into a square box
+        # before turning the image upright gives the same size as after.
         image.draft("RGB", (image_size, image_size))
         image.thumbnail((image_size, image_size))
-        return image.convert("RGB")
+        return pad_to_aspect_ratio(upright_rgb(image))
+
+
+def refuse_huge(image: Image.Image) -> None:
+    """Refuse an image over PIL's decompression-bomb limit (89 megapixels by default): it takes gigabytes to decode."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise ValueError(
+            f"{image.width} x {image.height} pixels, over PIL's decompression-bomb limit of {limit:,} pixels "
+            "(PIL.Image.MAX_IMAGE_PIXELS): shrink the image or raise the limit"
+        )
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A new RGB image as a viewer shows it: EXIF orientation applied, any mode converted keeping its contrast."""
+    # Phone photos are often stored sideways with an Orientation tag. exif_transpose returns a new image either way
+    # (a copy when there is nothing to turn), so an RGB one needs no further copy: the common case costs one copy.
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
+        # 16- and 32-bit greyscale: PIL's convert clips at 255, which turns most of such an image white. Scale it
+        # instead, from black at 0 to white at its brightest pixel (or at 255, so 8-bit values kept in 'I' stay).
+        pixels = np.asarray(image, dtype=np.float32).clip(0, None)
+        scaled = pixels * (255 / max(255.0, float(pixels.max())))
+        return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # Transparent pixels hold arbitrary colours (often black): show them on white, as a viewer would.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # CMYK, P, L, 1, YCbCr ...
+
+
+def pad_to_aspect_ratio(image: Image.Image) -> Image.Image:
+    """`image`, centred on a PAD_COLOUR canvas when one side is more than MAX_ASPECT_RATIO times the other."""
+    width, height = image.size
+    short = math.ceil(max(width, height) / MAX_ASPECT_RATIO)
+    if min(width, height) >= short:
+        return image
+    size = (width, short) if width > height else (short, height)
+    canvas = Image.new("RGB", size, PAD_COLOUR)
+    canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return canvas
 
 
 def prompt_text(row: pd.Series | dict) -> str:

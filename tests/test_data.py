@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -83,6 +84,91 @@ def test_broken_image_is_an_error_not_a_blank(data_copy):
     (data_copy / first).write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="unreadable.*TRAIN_"):
         helpers.load_competition_data(data_copy)
+
+
+def test_truncated_image_is_caught_by_the_check_not_at_inference(data_copy):
+    """Image.verify() passes a truncated JPEG; only decoding it (as load_image does) finds the missing end."""
+    test = pd.read_csv(data_copy / "test.csv")
+    image = data_copy / test["path"][2]
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (384, 512, 3), dtype=np.uint8)).save(image)
+    image.write_bytes(image.read_bytes()[:20_000])
+    with pytest.raises(ValueError) as err:
+        helpers.load_competition_data(data_copy)
+    message = str(err.value)
+    assert "test.csv: images unreadable" in message and test["id"][2] in message
+    assert "image file is truncated" in message
+
+
+def test_huge_image_is_refused_with_its_row(data_copy, monkeypatch):
+    first = pd.read_csv(data_copy / "train.csv")["path"][0]
+    Image.new("RGB", (100, 100)).save(data_copy / first, format="JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8000)  # every other sample image is 64 x 64
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ValueError) as err:
+        helpers.load_competition_data(data_copy)
+    assert "TRAIN_0000" in str(err.value) and "decompression-bomb limit" in str(err.value)
+
+
+def test_awkward_images_pass_the_check(data_copy):
+    """A 3000 x 10 strip, a 16-bit PNG and an EXIF-rotated JPEG load (load_image pads, scales and rotates them)."""
+    paths = pd.read_csv(data_copy / "train.csv")["path"]
+    Image.new("RGB", (3000, 10), "red").save(data_copy / paths[0], format="PNG")
+    Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)).save(data_copy / paths[1], "PNG")
+    image = Image.new("RGB", (64, 32))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(data_copy / paths[2], exif=exif)
+    train = helpers.load_competition_data(data_copy, image_size=512)[0]
+    assert helpers.load_image(train["image_path"][0], 512).size == (512, 6)  # 512 x 2, padded to a ratio of 85
+    assert 120 < np.asarray(helpers.load_image(train["image_path"][1], 512)).mean() < 135  # not all white
+    assert helpers.load_image(train["image_path"][2], 512).size == (32, 64)
+
+
+def test_utf16_csvs_are_read(data_copy):
+    for name, encoding in (("train.csv", "utf-16"), ("test.csv", "utf-16-le"), ("sample_submission.csv", "utf-16-be")):
+        path = data_copy / name
+        path.write_bytes(path.read_text(encoding="utf-8").encode(encoding))  # utf-16: with its byte-order mark
+    train, test, sample = helpers.load_competition_data(data_copy)
+    assert len(train) == 12 and len(test) == 4 and list(sample["id"]) == list(test["id"])
+
+
+@pytest.mark.parametrize(
+    "encoding, text, likely",
+    [
+        ("cp949", "한국어 질문", "cp949 / EUC-KR (Korean Excel)"),
+        ("cp1252", "café", "a Windows code page such as cp1252"),
+    ],
+)
+def test_other_encodings_name_the_file_and_the_likely_encoding(data_copy, encoding, text, likely):
+    path = data_copy / "train.csv"
+
+    def add_text(df):
+        df = df[df["task_type"] != "color_ko"]  # rows already in Korean: cp1252 cannot encode them
+        return df.assign(question=df["question"] + " " + text)
+
+    edit_csv(path, add_text)
+    path.write_bytes(path.read_text(encoding="utf-8").encode(encoding))  # as Excel saves it on such a Windows
+    with pytest.raises(ValueError) as err:
+        helpers.load_competition_data(data_copy)
+    assert f"{path}: not UTF-8 or UTF-16" in str(err.value) and f"likely {likely}" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["train.csv", "test.csv"])
+def test_a_table_without_rows_is_an_error(data_copy, name):
+    edit_csv(data_copy / name, lambda df: df.head(0))
+    with pytest.raises(ValueError, match=f"{name}: no rows, only a header"):
+        helpers.load_competition_data(data_copy)
+
+
+def test_an_empty_file_is_an_error(data_copy):
+    (data_copy / "test.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match="test.csv: empty file"):
+        helpers.load_competition_data(data_copy)
+
+
+def test_blank_sample_answers_are_accepted(data_copy):
+    edit_csv(data_copy / "sample_submission.csv", lambda df: df.assign(answer=""))
+    sample = helpers.load_competition_data(data_copy)[2]
+    assert (sample["answer"] == "").all() and len(sample) == 4
 
 
 def test_every_problem_is_reported_together(data_copy):
