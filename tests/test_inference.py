@@ -1,5 +1,7 @@
 """Letter scoring: batching and length sorting never change a row's probabilities or its place."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ import helpers
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dirs, tmp_path_factory):
+    """Shared by the module: tests change cfg with dataclasses.replace, never in place, so their order cannot matter."""
     cfg = helpers.Config(
         profile="smoke", model_id=str(tiny_model_dirs["qwen3_vl"]), output_dir=str(tmp_path_factory.mktemp("o"))
     )
@@ -23,9 +26,9 @@ def test_batched_equals_one_by_one_and_order_is_restored(tiny, sample_data):
     def option_probs():
         return helpers.tta_proba(helpers.score_orders(model, processor, rows, cfg, orders), orders)
 
-    cfg.eval_batch_size = 7
+    cfg = dataclasses.replace(cfg, eval_batch_size=7)
     batched = option_probs()
-    cfg.eval_batch_size = 1
+    cfg = dataclasses.replace(cfg, eval_batch_size=1)
     single = option_probs()
     assert batched.shape == (7, 4)
     np.testing.assert_allclose(batched.sum(1), 1, rtol=1e-5)
@@ -64,7 +67,7 @@ def test_validation_metrics():
 def test_out_of_memory_halves_the_inference_batch_and_keeps_it(tiny, sample_data, monkeypatch, capsys):
     model, processor, cfg = tiny
     rows = sample_data[0].head(12).reset_index(drop=True)
-    cfg.eval_batch_size = 4
+    cfg = dataclasses.replace(cfg, eval_batch_size=4)
     expected = helpers.letter_log_probs(model, processor, rows, cfg)
     real, sizes = helpers.model_inputs, []
 
@@ -88,7 +91,7 @@ def test_non_finite_scores_raise_and_name_the_rows(tiny, sample_data):
     """An overflowing model (here: NaN logits for the first row of each batch) must not silently answer "a"."""
     model, processor, cfg = tiny
     rows = sample_data[0].head(5).reset_index(drop=True)
-    cfg.eval_batch_size = 8
+    cfg = dataclasses.replace(cfg, eval_batch_size=8)
     first = rows["id"][np.argsort(helpers.prompt_lengths(rows), kind="stable")[0]]  # batch row 0 after sorting
 
     def overflow(module, inputs, output):
