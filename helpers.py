@@ -133,6 +133,9 @@ MEMORY_LEVELS = {
 }
 NEXT_LOWER_LEVEL = {"high": "balanced", "balanced": "safe", "safe": "a smaller model"}
 
+# A Kaggle GPU session ends after 12 hours, 9 on some accounts; the setup cell's installs and a margin come off that.
+KAGGLE_BUDGET_HOURS = 8.5
+
 # Compute precisions. A T4 has no bf16: "auto" gives fp16 there, trained with a GradScaler.
 PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -148,6 +151,7 @@ GPU_DEFAULTS = {
     "num_workers": 2,
     "save_every_steps": 50,
     "debias_samples": 32,  # 4 x 32 extra rows scored per fold: negligible next to the test set
+    "early_stopping_patience": 2,  # only ever stops a fold whose accuracy fell twice: no harm at 2 epochs
 }
 
 # The smoke profile: a tiny random Qwen3-VL built offline, trained on CPU on the sample data in a few minutes.
@@ -165,6 +169,7 @@ SMOKE_PROFILE = {
     "eval_batch_size": 32,
     "num_workers": 0,
     "save_every_steps": 20,
+    "early_stopping_patience": 0,  # a random tiny model's accuracy wanders before it climbs
     "tta_rotations": 4,
     "debias_samples": 32,
 }
@@ -203,6 +208,11 @@ class Config:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    early_stopping_patience: int | None = None  # stop a fold after this many epochs without a better validation
+    # accuracy (the best adapter is kept either way); 0: train every epoch
+    report_to: str | None = None  # "tensorboard" or "wandb" (if installed) also logs each fold's curves; None: off
+    time_budget_hours: float | None = None  # the session time this run may take, from the setup cell: training stops
+    # in time to score and submit. None: 8.5 on Kaggle (sessions end after 9-12 h), unlimited elsewhere
     lora_alpha: int | None = None  # None: 2 * lora_r
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] | None = None  # projections of the language model that get adapters
@@ -232,6 +242,8 @@ class Config:
                 setattr(self, name, value)
         if self.lora_alpha is None and self.lora_r is not None:
             self.lora_alpha = 2 * self.lora_r
+        if self.time_budget_hours is None:
+            self.time_budget_hours = KAGGLE_BUDGET_HOURS if Path("/kaggle/working").is_dir() else math.inf
         self.validate()
 
     def validate(self) -> None:
@@ -257,6 +269,12 @@ class Config:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.tta_rotations not in (1, 2, 4):  # evenly spaced shifts only: each option visits positions equally
             problems.append(f"tta_rotations must be 1, 2 or 4, got {self.tta_rotations}")
+        if self.report_to not in (None, "tensorboard", "wandb"):
+            problems.append(f"report_to must be None, 'tensorboard' or 'wandb', got {self.report_to!r}")
+        if not self.time_budget_hours > 0:
+            problems.append(f"time_budget_hours must be positive, got {self.time_budget_hours}")
+        if self.early_stopping_patience < 0:
+            problems.append(f"early_stopping_patience must be 0 (off) or positive, got {self.early_stopping_patience}")
         if self.debias_samples < 0:
             problems.append(f"debias_samples must be 0 (off) or positive, got {self.debias_samples}")
         if self.precision not in PRECISIONS:
@@ -483,9 +501,16 @@ def plot_eda(train: pd.DataFrame, test: pd.DataFrame, out_dir: str | os.PathLike
     ax = new("image_sizes", "Image sizes (pixels)")
     sns.scatterplot(data=both, x="width", y="height", hue="split", alpha=0.5, ax=ax)
     for name, fig in figures.items():
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{name}.png", dpi=100)
+        save_figure(fig, out_dir / f"{name}.png")
     return figures
+
+
+def save_figure(fig, path: Path):
+    """Lay out and save as a PNG (the notebook shows the figure inline too); returns the figure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1899,6 +1924,72 @@ def memory_summary() -> str:
     return " ".join(f"{torch.cuda.max_memory_allocated(i) / 2**30:.1f}G" for i in range(torch.cuda.device_count()))
 
 
+# -- The session clock ------------------------------------------------------------------------------------------------
+# Whatever is not written when a Kaggle session ends is lost, so a run that does not fit its time must stop training
+# early enough to score and submit with the folds it has. The clock starts when helpers is first imported in the
+# session (the setup cell); the processes that train folds side by side inherit that start through the environment.
+SESSION_START = float(os.environ.setdefault("VQA_SESSION_START", str(time.time())))
+
+ESTIMATE_AFTER_STEPS = 5  # the first steps warm up (kernels, allocator): the whole-run estimate waits for a few
+
+# What this process has measured so far, for the time estimates: samples trained and rows scored, and their seconds.
+MEASURED = {"train_samples": 0, "train_seconds": 0.0, "score_rows": 0, "score_seconds": 0.0}
+
+
+def now() -> float:
+    """The one clock of the run's timing (tests replace it)."""
+    return time.time()
+
+
+@dataclass
+class TimeBudget:
+    """When training must stop so that scoring the folds started so far, and the submission, still fit."""
+
+    cfg: Config
+    rows_per_member: int  # rows a fold model scores: its validation and the test rows per rotation, and the prior's
+    val_rows: int  # rows validated at the end of each epoch
+    members: int = 0  # folds started so far: each is scored after training
+    folds_left: int = 0  # folds still to train, the current one included (for the whole-run estimate)
+    reported: bool = False  # the whole-run estimate is printed once, after the first steps
+
+    @classmethod
+    def for_run(cls, cfg: Config, folds: pd.DataFrame, test: pd.DataFrame) -> TimeBudget:
+        val_rows = math.ceil(len(folds) / cfg.n_folds)
+        return cls(cfg, (val_rows + len(test)) * cfg.tta_rotations + 4 * cfg.debias_samples, val_rows)
+
+    def seconds_left(self) -> float:
+        return SESSION_START + self.cfg.time_budget_hours * 3600 - now()
+
+    def seconds(self, samples: int = 0, rows: int = 0) -> float:
+        """Estimated time to train `samples` and score `rows` at the rates measured so far (0 before any)."""
+        train_rate = MEASURED["train_samples"] / MEASURED["train_seconds"] if MEASURED["train_seconds"] else math.inf
+        # Scoring a row took 0.4 of a training sample in the rehearsal: 0.5 stands in until scoring has been timed.
+        score_rate = MEASURED["score_rows"] / MEASURED["score_seconds"] if MEASURED["score_seconds"] else 2 * train_rate
+        return samples / train_rate + rows / score_rate
+
+    def scoring_reserve(self) -> float:
+        return self.seconds(rows=self.members * self.rows_per_member)
+
+    def can_train(self, samples: int) -> bool:
+        """Whether `samples` more training samples and a validation pass fit before the scoring reserve."""
+        return self.seconds_left() - self.scoring_reserve() >= self.seconds(samples=samples, rows=self.val_rows)
+
+    def report_once(self, steps_done: int, steps_in_epoch: int, fold_samples: int) -> None:
+        """After the first few steps (warm-up), once: the whole run's estimate from the rates measured so far."""
+        if self.reported or steps_done < min(ESTIMATE_AFTER_STEPS, steps_in_epoch):
+            return
+        self.reported = True
+        folds = self.folds_left
+        training = self.seconds(samples=fold_samples * folds, rows=self.val_rows * self.cfg.epochs * folds)
+        scoring = self.seconds(rows=(self.members + folds - 1) * self.rows_per_member)
+        left = self.seconds_left()
+        verdict = "it fits" if training + scoring <= left else "it does not fit: training stops in time to score"
+        tqdm.write(
+            f"time estimate: {folds} fold(s) to train {training / 3600:.1f} h + scoring {scoring / 3600:.1f} h; "
+            f"{left / 3600:.1f} h left of time_budget_hours={self.cfg.time_budget_hours}: {verdict}"
+        )
+
+
 @dataclass
 class TrainState:
     """Where a fold's training stands; saved in every checkpoint, so a resumed run goes on exactly from here."""
@@ -1908,6 +1999,9 @@ class TrainState:
     step_in_epoch: int = 0
     micro_batch: int = 1
     history: list = dataclasses.field(default_factory=list)  # validation metrics per epoch
+    losses: list = dataclasses.field(default_factory=list)  # training loss per optimizer step (None: non-finite)
+    stopped_early: bool = False  # no better validation accuracy for cfg.early_stopping_patience epochs
+    stopped_for_time: bool = False  # the time budget left only enough to score and submit
     best_accuracy: float = -1.0
     best_loss: float = float("inf")
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (fp16 overflows included)
@@ -1937,10 +2031,48 @@ def record_nonfinite(state: TrainState, model, batch: dict, ids: pd.Series, loss
     )
 
 
-def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
+class Tracker:
+    """A fold's curves in TensorBoard or Weights & Biases (cfg.report_to), through their own APIs; does nothing when
+    report_to is None. Neither library is a dependency: it is imported only when asked for."""
+
+    def __init__(self, cfg: Config, fold: int):
+        self.writer = self.run = None
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.writer = SummaryWriter(str(cfg.out / "tensorboard" / f"fold{fold}"))
+        elif cfg.report_to == "wandb":
+            import wandb
+
+            config = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+            self.run = wandb.init(project="qwen-vqa", name=f"fold{fold}", group=str(cfg.out), config=config)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def epochs_without_improvement(history: list[dict]) -> int:
+    """Epochs since the best validation accuracy (ties: the earliest is the best, as fit keeps it)."""
+    accuracies = [h["val_acc"] for h in history]
+    return len(accuracies) - 1 - accuracies.index(max(accuracies)) if accuracies else 0
+
+
+def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config, budget: TimeBudget | None = None) -> dict:
     """Train one fold's LoRA adapter; keep the adapter with the best validation accuracy in fold_dir/best_adapter.
 
     Resumes from the fold's newest checkpoint if there is one. Returns the fold's history and best metrics.
+    With a `budget`, training stops (validating what it has) when one more step would eat into the time that scoring
+    needs, and the fold is finished as it stands.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -1982,16 +2114,20 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    tracker = Tracker(cfg, fold)
     bad_in_a_row = 0
     progress = tqdm(total=total_steps, initial=state.global_step, desc=f"fold {fold}", dynamic_ncols=True)
-    while state.epoch < cfg.epochs:
+    while state.epoch < cfg.epochs and not (state.stopped_early or state.stopped_for_time):
         epoch = state.epoch
         batches = length_grouped_batches(lengths, cfg.effective_batch, seed=cfg.seed * 1000 + epoch)
         loader = make_loader(dataset, collator, batches[state.step_in_epoch :], cfg.num_workers)
         model.train()
-        waited_from = time.perf_counter()
+        waited_from = now()
         for batch in loader:
-            step_started = time.perf_counter()
+            if budget is not None and not budget.can_train(cfg.effective_batch):
+                state.stopped_for_time = True
+                break
+            step_started = now()
             state.data_wait_seconds += step_started - waited_from
             # -- forward/backward, halving the micro-batch on out-of-memory (effective batch unchanged)
             while True:
@@ -2028,23 +2164,30 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
                     f"checkpoint is {last_good[0]}, and re-running resumes from it. Lower lr (now {cfg.lr}), or set "
                     "precision='fp32' in the Config cell."
                 )
+            state.losses.append(loss if math.isfinite(loss) else None)
             state.global_step += 1
             state.step_in_epoch += 1
 
             # -- log and checkpoint
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mem=memory_summary())
+            tracker.log(state.global_step, {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]})
             if state.global_step % cfg.save_every_steps == 0:
                 checkpoint()
-            now = time.perf_counter()
-            state.train_seconds += now - waited_from  # the wait for this batch and the step
-            waited_from = now
+            step_ended = now()
+            state.train_seconds += step_ended - waited_from  # the wait for this batch and the step
+            MEASURED["train_samples"] += len(batch["labels"])
+            MEASURED["train_seconds"] += step_ended - waited_from
+            if budget is not None:
+                budget.report_once(state.step_in_epoch, len(loader), fold_samples=len(dataset) * cfg.epochs)
+            waited_from = step_ended
 
         # -- validate at epoch end, keep the best adapter
         log_probs = letter_log_probs(model, processor, val_df, cfg)
         metrics = validation_metrics(log_probs, val_df["answer"])
         metrics.update(epoch=epoch + 1, step=state.global_step, skipped_steps=state.skipped_steps)
         state.history.append(metrics)
+        tracker.log(state.global_step, {"val/accuracy": metrics["val_acc"], "val/loss": metrics["val_loss"]})
         tqdm.write(
             f"fold {fold} epoch {epoch + 1}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}"
         )
@@ -2053,19 +2196,30 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
             save_adapter(model, fold_dir / "best_adapter")
         state.epoch += 1
         state.step_in_epoch = 0
+        patience = cfg.early_stopping_patience or math.inf
+        state.stopped_early = state.epoch < cfg.epochs and epochs_without_improvement(state.history) >= patience
+        if state.stopped_early:
+            tqdm.write(f"fold {fold}: stopped early, no better validation accuracy for {patience} epochs")
+        if state.stopped_for_time:
+            tqdm.write(f"fold {fold}: stopped at step {state.global_step}: the rest of the time budget is for scoring")
         checkpoint()
     progress.close()
+    tracker.close()
 
     result = {"fold": fold, "best_val_acc": state.best_accuracy, "best_val_loss": state.best_loss}
     result.update(
         skipped_steps=state.skipped_steps,
         optimizer_steps=state.global_step,
         micro_batch=state.micro_batch,
+        epochs_trained=state.epoch,
+        stopped_early=state.stopped_early,
+        stopped_for_time=state.stopped_for_time,
         train_seconds=state.train_seconds,
         data_wait_seconds=state.data_wait_seconds,
         peak_gpu_gib=[torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())],
         nonfinite_steps=state.nonfinite_steps,
         history=state.history,
+        losses=state.losses,
     )
     atomic_write_text(fold_dir / "result.json", json.dumps(result, indent=2))
     release_memory()
@@ -2095,21 +2249,32 @@ def fold_table(results: list[dict]) -> pd.DataFrame:
     """One row per fold for the notebook: best metrics, steps (skipped ones too), micro-batch, time. The per-epoch
     history and the non-finite step records stay in each fold's result.json."""
     table = pd.DataFrame(results)
-    return table.drop(columns=[c for c in ("history", "nonfinite_steps", "peak_gpu_gib") if c in table])
+    return table.drop(columns=[c for c in ("history", "losses", "nonfinite_steps", "peak_gpu_gib") if c in table])
 
 
-def train_folds(base_model, processor, folds: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    """Train every fold in cfg.folds_to_train with a fresh adapter, skipping folds already finished."""
-    results = []
-    for fold in cfg.folds_to_train:
-        if fold_is_trained(cfg, fold):
-            print(f"fold {fold}: already trained, skipped")
-            results.append(fold_result(cfg, fold))
-            continue
+def train_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Train every fold in cfg.folds_to_train with a fresh adapter, skipping folds already finished, and starting
+    no fold whose first epoch would not fit the time budget (the folds trained so far must still be scored)."""
+    budget = TimeBudget.for_run(cfg, folds, test)
+    budget.members = sum(fold_is_trained(cfg, fold) for fold in cfg.folds_to_train)
+    to_train = [fold for fold in cfg.folds_to_train if not fold_is_trained(cfg, fold)]
+    results = [fold_result(cfg, fold) for fold in cfg.folds_to_train if fold not in to_train]
+    if results:
+        print(f"folds {[r['fold'] for r in results]}: already trained, skipped")
+    for i, fold in enumerate(to_train):
+        if not budget.can_train(int((folds["fold"] != fold).sum())):
+            print(
+                f"folds {to_train[i:]}: not started: one epoch would not leave time to score "
+                f"({budget.seconds_left() / 3600:.1f} h left of time_budget_hours={cfg.time_budget_hours}); "
+                f"the submission uses the {len(results)} fold(s) trained"
+            )
+            break
+        budget.members += 1
+        budget.folds_left = len(to_train) - i
         model = attach_lora(base_model, cfg)
-        results.append(fit(model, processor, folds, fold, cfg))
+        results.append(fit(model, processor, folds, fold, cfg, budget))
         base_model = detach_lora(model)
-    return fold_table(results)
+    return fold_table(sorted(results, key=lambda r: r["fold"]))
 
 
 def train_folds_on_gpus(
@@ -2134,7 +2299,7 @@ def train_folds_on_gpus(
             f"{processes - to_train % processes} GPU(s) idle (n_folds a multiple of {processes} keeps all busy)"
         )
     mp.start_processes(_train_share, args=(processes, folds, test, cfg), nprocs=processes, start_method="spawn")
-    return fold_table([fold_result(cfg, fold) for fold in cfg.folds_to_train])
+    return fold_table([fold_result(cfg, fold) for fold in cfg.folds_to_train if fold_is_trained(cfg, fold)])
 
 
 def fold_shares(cfg: Config, processes: int) -> list[tuple[int, ...]]:
@@ -2162,7 +2327,7 @@ def _train_share(rank: int, processes: int, folds: pd.DataFrame, test: pd.DataFr
         torch.cuda.set_device(rank)  # the default device of memory stats and new tensors
     if share.train_folds:
         model, processor = load_model_and_processor(share)
-        train_folds(model, processor, folds, share)
+        train_folds(model, processor, folds, test, share)
         for fold in share.train_folds:
             score_member(model, processor, f"fold{fold}", folds, test, share)
 
@@ -2174,6 +2339,35 @@ def use_parallel_folds(cfg: Config, model) -> bool:
         return cfg.parallel_folds
     on_one_gpu = len(set(getattr(model, "hf_device_map", {"": "cpu"}).values()) - {"cpu"}) == 1
     return torch.cuda.device_count() >= 2 and len(cfg.folds_to_train) >= 2 and on_one_gpu
+
+
+def plot_training_curves(cfg: Config) -> object:
+    """Every trained fold on one figure: training loss per optimizer step (a rolling mean over about 5% of the steps
+    over the raw values), validation accuracy and loss per epoch. Saved as plots/training_curves.png."""
+    import matplotlib.pyplot as plt
+
+    results = [fold_result(cfg, fold) for fold in cfg.folds_to_train if fold_is_trained(cfg, fold)]
+    fig, (loss_ax, acc_ax, val_loss_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
+    for result in results:
+        losses = pd.Series(result.get("losses", []), dtype=float)
+        color = loss_ax.plot(losses.index + 1, losses, alpha=0.25, linewidth=0.8)[0].get_color()
+        smooth = losses.rolling(max(1, len(losses) // 20), min_periods=1).mean()
+        label = f"fold {result['fold']}"
+        loss_ax.plot(losses.index + 1, smooth, color=color, label=label)
+        history = pd.DataFrame(result["history"])
+        acc_ax.plot(history["epoch"], history["val_acc"], marker="o", color=color, label=label)
+        val_loss_ax.plot(history["epoch"], history["val_loss"], marker="o", color=color, label=label)
+    loss_ax.set(title="Training loss per optimizer step", xlabel="optimizer step", ylabel="answer-token loss")
+    acc_ax.set(title="Validation accuracy (chance 0.25)", xlabel="epoch", ylabel="accuracy")
+    acc_ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
+    val_loss_ax.set(title="Validation loss of the answer letter", xlabel="epoch", ylabel="nats")
+    for ax in (loss_ax, acc_ax, val_loss_ax):
+        ax.grid(alpha=0.3)
+        if results:
+            ax.legend(fontsize=8)
+    for ax in (acc_ax, val_loss_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return save_figure(fig, cfg.out / "plots" / "training_curves.png")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2216,6 +2410,7 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     micro = cfg.eval_batch_size  # halved on out-of-memory, and kept for the batches after
     dtype = compute_dtype(cfg.precision)
     autocast = autocast_context(device, dtype) if dtype == torch.float16 else contextlib.nullcontext
+    started = now()
     for batch in tqdm(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
         while True:
             try:
@@ -2233,6 +2428,8 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
                 micro //= 2
                 tqdm.write(f"out of memory in inference: batch size now {micro}")
     model.train(was_training)
+    MEASURED["score_rows"] += len(df)
+    MEASURED["score_seconds"] += now() - started
     broken = ~torch.isfinite(out).all(1).numpy()
     if broken.any():
         raise FloatingPointError(
@@ -2360,7 +2557,10 @@ def predict_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame
     for every member: with cfg.select_variant the one with the best out-of-fold accuracy (`choose_variant`), else
     the fullest scored (variant_name(cfg)); "val_acc" is its out-of-fold accuracy (the weight in the weighted vote).
     """
-    members = ["zeroshot"] if cfg.zero_shot else [f"fold{k}" for k in cfg.folds_to_train]
+    members = [] if cfg.zero_shot else [f"fold{k}" for k in cfg.folds_to_train if fold_is_trained(cfg, k)]
+    if not members and not cfg.zero_shot:
+        print("no fold was trained (time budget): the base model answers, as in zero-shot mode")
+    members = members or ["zeroshot"]
     orders = cyclic_orders(cfg.tta_rotations)
     predictions = {}
     for name in members:
@@ -2463,6 +2663,48 @@ def zero_shot_report(model, processor, folds: pd.DataFrame, cfg: Config, max_row
     return report.set_index("variant")
 
 
+def plot_oof_errors(predictions: dict, folds: pd.DataFrame, out_dir: Path) -> dict:
+    """Where the out-of-fold answers go wrong, as pictures (each row scored by the one member that never trained on
+    it): the confusion matrix of the chosen variant, and the accuracy of every variant per answer letter and per task
+    type (when the data has one). Saved as confusion_matrix.png and accuracy_by_group.png in out_dir."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    rows = pd.concat([val_rows(name, folds) for name in predictions], ignore_index=True)
+    target = answer_index(rows["answer"])
+    chosen = np.concatenate([p["oof"] for p in predictions.values()]).argmax(1)
+    confusion = pd.crosstab(
+        pd.Categorical(np.array(LETTERS)[target], categories=LETTERS),
+        pd.Categorical(np.array(LETTERS)[chosen], categories=LETTERS),
+        dropna=False,
+    )
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    sns.heatmap(confusion, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax)
+    variant = next(iter(predictions.values())).get("variant", "")
+    ax.set(title=f"Out-of-fold answers ({variant})", xlabel="predicted", ylabel="true")
+    figures = {"confusion_matrix": save_figure(fig, out_dir / "confusion_matrix.png")}
+
+    correct = {}
+    for name, pred in predictions.items():
+        answers = answer_index(val_rows(name, folds)["answer"])
+        for variant_name, probs in variant_probs(pred["oof_scores"], pred["orders"], pred["prior"]).items():
+            correct.setdefault(variant_name, []).append(probs.argmax(1) == answers)
+    table = pd.DataFrame({v: np.concatenate(c) for v, c in correct.items()})
+    table["answer letter"] = rows["answer"].to_numpy()
+    groups = ["answer letter"] + (["task_type"] if "task_type" in rows else [])
+    if "task_type" in rows:
+        table["task_type"] = rows["task_type"].astype(str).to_numpy()
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        accuracy = table.groupby(group)[list(correct)].mean().reset_index().melt(group, var_name="variant")
+        sns.barplot(data=accuracy, x="value", y=group, hue="variant", orient="h", ax=ax)
+        ax.axvline(0.25, color="grey", linestyle=":", linewidth=1)
+        ax.set(title=f"Out-of-fold accuracy by {group}", xlabel="accuracy", ylabel="", xlim=(0, 1))
+        ax.legend(fontsize=8, loc="lower right")
+    figures["accuracy_by_group"] = save_figure(fig, out_dir / "accuracy_by_group.png")
+    return figures
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 10. Ensemble and submission
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2512,6 +2754,30 @@ def ensemble_report(predictions: dict) -> pd.DataFrame:
     """
     votes = ensemble_votes(predictions)
     return pd.DataFrame({a: {b: (va == vb).mean() for b, vb in votes.items()} for a, va in votes.items()})
+
+
+def plot_member_agreement(predictions: dict, out_dir: Path):
+    """How often the members (folds) and the ensembles pick the same test answer, pairwise, and on how many test rows
+    the members split. Saved as member_agreement.png in out_dir."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    choices = {name: pred["test"].argmax(1) for name, pred in predictions.items()} | ensemble_votes(predictions)
+    agreement = pd.DataFrame({a: {b: (ca == cb).mean() for b, cb in choices.items()} for a, ca in choices.items()})
+    members = np.stack([pred["test"].argmax(1) for pred in predictions.values()])  # [members, rows]
+    majority_size = np.stack([(members == letter).sum(0) for letter in range(4)]).max(0)
+    fig, (heat_ax, bar_ax) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    sns.heatmap(agreement, annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1, cbar=False, ax=heat_ax)
+    heat_ax.set(title="Test answers in common (fraction of rows)")
+    counts = pd.Series(majority_size).value_counts().reindex(range(1, len(members) + 1), fill_value=0)
+    bar_ax.bar(counts.index.astype(str), counts.to_numpy() / max(members.shape[1], 1))
+    bar_ax.set(
+        title="How many members give the majority answer",
+        xlabel=f"members agreeing (of {len(members)})",
+        ylabel="fraction of test rows",
+        ylim=(0, 1),
+    )
+    return save_figure(fig, out_dir / "member_agreement.png")
 
 
 def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame) -> None:

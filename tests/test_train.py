@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pandas as pd
@@ -44,12 +45,12 @@ def test_fit_trains_validates_and_keeps_the_best_adapter(small):
     assert [p.name for p in helpers.checkpoint_paths(fold_dir)] == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_train_folds_skips_finished_folds(small, capsys):
+def test_train_folds_skips_finished_folds(small, sample_data, capsys):
     cfg, folds, model, processor = small
     cfg.epochs = 1
-    first = helpers.train_folds(model, processor, folds, cfg)
-    second = helpers.train_folds(model, processor, folds, cfg)
-    assert "fold 0: already trained, skipped" in capsys.readouterr().out
+    first = helpers.train_folds(model, processor, folds, sample_data[1].head(6), cfg)
+    second = helpers.train_folds(model, processor, folds, sample_data[1].head(6), cfg)
+    assert "folds [0, 1]: already trained, skipped" in capsys.readouterr().out
     assert first.equals(second)
 
 
@@ -161,6 +162,28 @@ def test_non_finite_weights_are_never_written(small, tmp_path):
     helpers.detach_lora(peft_model)
 
 
+def test_early_stopping_keeps_the_best_adapter_and_resumes_stopped(small, monkeypatch):
+    cfg, folds, model, processor = small
+    cfg.epochs, cfg.early_stopping_patience = 5, 1
+    accuracies = iter([0.5, 0.4, 0.9, 0.9, 0.9])  # epoch 2 is worse: the fold stops there, keeping epoch 1's adapter
+    monkeypatch.setattr(
+        helpers, "validation_metrics", lambda log_probs, answers: {"val_acc": next(accuracies), "val_loss": 1.0}
+    )
+    peft_model = helpers.attach_lora(model, cfg)
+    result = helpers.fit(peft_model, processor, folds, 0, cfg)
+    assert result["stopped_early"] and result["epochs_trained"] == 2 and result["best_val_acc"] == 0.5
+    assert len(result["losses"]) == result["optimizer_steps"] == 2 * 2  # 12 rows, effective batch 8: 2 steps an epoch
+    base = helpers.detach_lora(peft_model)
+    again = helpers.fit(helpers.attach_lora(base, cfg), processor, folds, 0, cfg)  # from its last checkpoint
+    assert again["epochs_trained"] == 2 and again["optimizer_steps"] == 4  # stopped stays stopped
+
+
+def test_epochs_without_improvement():
+    assert helpers.epochs_without_improvement([]) == 0
+    history = [{"val_acc": a} for a in (0.5, 0.7, 0.6, 0.7)]
+    assert helpers.epochs_without_improvement(history) == 2  # a tie does not count as better
+
+
 RESUME_SCRIPT = textwrap.dedent(
     """
     import os, sys
@@ -229,7 +252,7 @@ def test_folds_trained_side_by_side_equal_folds_trained_in_turn(small, sample_da
     # floating-point summation order, and so the weights, identical.
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))
-    in_turn = helpers.train_folds(model, processor, folds, cfg)
+    in_turn = helpers.train_folds(model, processor, folds, test, cfg)
     in_turn_predictions = helpers.predict_folds(model, processor, folds, test, cfg)
     torch.set_num_threads(threads)
     side_cfg = helpers.Config(**{**vars(cfg), "output_dir": str(tmp_path / "side_by_side")})
@@ -259,3 +282,76 @@ def test_fold_shares_deal_out_the_folds_still_to_train_first(tmp_path):
         (cfg.fold_dir(fold) / "result.json").write_text("{}")
     # Without the reordering one process would train 4 while the other trained 1 and 3.
     assert helpers.fold_shares(cfg, 2) == [(1, 4, 2), (3, 0)]
+
+
+class FakeClock:
+    """The session clock of a run whose every training step takes 100 s and every scored row 1 s."""
+
+    def __init__(self, monkeypatch):
+        self.t = helpers.SESSION_START
+        monkeypatch.setattr(helpers, "now", lambda: self.t)
+        # Scoring already timed at 1 row/s, as the zero-shot baseline does before training
+        measured = {"train_samples": 0, "train_seconds": 0, "score_rows": 1, "score_seconds": 1}
+        monkeypatch.setattr(helpers, "MEASURED", measured)
+        real_step, real_score = helpers.accumulate_gradients, helpers.position_log_probs
+
+        def step(*args, **kwargs):
+            self.t += 100
+            return real_step(*args, **kwargs)
+
+        def score(model, processor, df, *args, **kwargs):
+            scores = real_score(model, processor, df, *args, **kwargs)
+            self.t += len(df)
+            helpers.MEASURED["score_seconds"] += len(df)  # the real function saw the fake clock stand still
+            return scores
+
+        monkeypatch.setattr(helpers, "accumulate_gradients", step)
+        monkeypatch.setattr(helpers, "position_log_probs", score)
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "fold1_steps"),
+    [
+        (1000, 3),  # fold 1 starts, and stops after 3 of its 4 steps: one more would eat into the scoring time
+        (700, None),  # fold 1 is not started: one epoch of it would not leave the time to score both folds
+    ],
+)
+def test_the_time_budget_always_leaves_a_submission(
+    small, sample_data, tmp_path, monkeypatch, capsys, budget_s, fold1_steps
+):
+    """2 folds x 2 epochs x 2 steps of 100 s; validation 12 rows, scoring 88 rows per fold at 1 s a row."""
+    cfg, folds, model, processor = small
+    cfg.debias_samples, cfg.time_budget_hours = 4, budget_s / 3600
+    test = sample_data[1].head(6)
+    clock = FakeClock(monkeypatch)
+    results = helpers.train_folds(model, processor, folds, test, cfg)
+    assert "time estimate: 2 fold(s) to train" in capsys.readouterr().out
+    fold0 = helpers.fold_result(cfg, 0)
+    assert fold0["epochs_trained"] == 2 and not fold0["stopped_for_time"]
+    if fold1_steps is None:
+        assert list(results["fold"]) == [0] and not helpers.fold_is_trained(cfg, 1)
+    else:
+        fold1 = helpers.fold_result(cfg, 1)
+        assert fold1["stopped_for_time"] and fold1["optimizer_steps"] == fold1_steps
+    predictions = helpers.predict_folds(model, processor, folds, test, cfg)
+    assert set(predictions) == {f"fold{k}" for k in results["fold"]}
+    sample = pd.DataFrame({"id": test["id"], "answer": "a"})
+    helpers.write_submissions(predictions, results, test, sample, cfg)
+    assert (tmp_path / "submission_ensemble.csv").exists()
+    assert clock.t <= helpers.SESSION_START + budget_s  # scoring done inside the budget
+
+
+def test_curves_go_to_the_tracker_asked_for(small, monkeypatch):
+    """report_to="wandb" logs through wandb's own API (a stand-in module here: wandb is not a dependency)."""
+    cfg, folds, model, processor = small
+    cfg.report_to, cfg.epochs = "wandb", 1
+    logged, finished = [], []
+    run = types.SimpleNamespace(
+        log=lambda metrics, step: logged.append((step, metrics)), finish=lambda: finished.append(1)
+    )
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
+    helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
+    assert [step for step, m in logged if "train/loss" in m] == [1, 2]
+    assert [step for step, m in logged if "val/accuracy" in m] == [2] and finished == [1]
+    with pytest.raises(ValueError, match="report_to must be"):
+        helpers.Config(profile="smoke", report_to="mlflow")
