@@ -2694,13 +2694,14 @@ def plot_oof_errors(predictions: dict, folds: pd.DataFrame, out_dir: Path) -> di
     groups = ["answer letter"] + (["task_type"] if "task_type" in rows else [])
     if "task_type" in rows:
         table["task_type"] = rows["task_type"].astype(str).to_numpy()
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups) + 1.5, 3.8), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
         accuracy = table.groupby(group)[list(correct)].mean().reset_index().melt(group, var_name="variant")
         sns.barplot(data=accuracy, x="value", y=group, hue="variant", orient="h", ax=ax)
         ax.axvline(0.25, color="grey", linestyle=":", linewidth=1)
         ax.set(title=f"Out-of-fold accuracy by {group}", xlabel="accuracy", ylabel="", xlim=(0, 1))
-        ax.legend(fontsize=8, loc="lower right")
+        ax.get_legend().remove()
+    axes[0, -1].legend(*axes[0, 0].get_legend_handles_labels(), title="variant", fontsize=8, bbox_to_anchor=(1, 1))
     figures["accuracy_by_group"] = save_figure(fig, out_dir / "accuracy_by_group.png")
     return figures
 
@@ -2769,10 +2770,11 @@ def plot_member_agreement(predictions: dict, out_dir: Path):
     fig, (heat_ax, bar_ax) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     sns.heatmap(agreement, annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1, cbar=False, ax=heat_ax)
     heat_ax.set(title="Test answers in common (fraction of rows)")
+    heat_ax.tick_params(axis="y", rotation=0)
     counts = pd.Series(majority_size).value_counts().reindex(range(1, len(members) + 1), fill_value=0)
     bar_ax.bar(counts.index.astype(str), counts.to_numpy() / max(members.shape[1], 1))
     bar_ax.set(
-        title="How many members give the majority answer",
+        title="Members behind the majority answer",
         xlabel=f"members agreeing (of {len(members)})",
         ylabel="fraction of test rows",
         ylim=(0, 1),
