@@ -1772,7 +1772,8 @@ def build_tokenizer(extra_tokens: tuple[str, ...] = ()):
     """Train a tiny byte-level BPE with the Qwen2 pre-tokenisation and wrap it as a Qwen2 tokenizer.
 
     `extra_tokens` become single tokens after the special ones, not special themselves (Qwen3.5's <think> and
-    </think>, as in its real vocabulary)."""
+    </think>, as in its real vocabulary). A Qwen3.5 folder reloads it as Qwen3_5Tokenizer, with Qwen3.5's own
+    pre-tokenisation, as transformers does for the real one."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
