@@ -146,7 +146,7 @@ GPU_DEFAULTS = {
     "n_folds": 5,
     "epochs": 2,
     "lr": 1e-4,
-    "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj"),  # why: section 7
     "eval_batch_size": 32,  # the fastest of 16/32 for Qwen3-VL-2B and -8B (experiments/results/infer.json)
     "num_workers": 2,
     "save_every_steps": 50,
@@ -165,7 +165,7 @@ SMOKE_PROFILE = {
     "n_folds": 2,
     "epochs": 20,
     "lr": 2e-3,
-    "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "lora_targets": GPU_DEFAULTS["lora_targets"] + ("gate_proj", "up_proj", "down_proj"),
     "eval_batch_size": 32,
     "num_workers": 0,
     "save_every_steps": 20,
@@ -556,6 +556,11 @@ def make_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
 
 SYSTEM_PROMPT = "You are a careful visual assistant. Look at the image and answer the multiple-choice question."
 INSTRUCTION = "Answer with one lowercase letter: a, b, c or d."
+# Qwen3.5's chat template opens a thinking block after the assistant header unless told otherwise ("<think>\n"; with
+# enable_thinking=False an empty "<think>\n\n</think>\n\n"), and writes a trained answer after that empty block. The
+# letter is scored, and trained, right where the answer starts, with thinking off. Templates without the switch
+# (Qwen2.5-VL, Qwen3-VL) ignore it.
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
 
 
 def normalize_text(text: str) -> str:
@@ -685,11 +690,13 @@ class VQACollator:
         self.train = train
         tokenizer = processor.tokenizer
         self.im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.header_ids = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        self.header_ids = tokenizer.encode(answer_header(processor), add_special_tokens=False)
 
     def __call__(self, items: list[dict]) -> dict:
         texts = [
-            self.processor.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=not self.train)
+            self.processor.apply_chat_template(
+                it["messages"], tokenize=False, add_generation_prompt=not self.train, **CHAT_TEMPLATE_KWARGS
+            )
             for it in items
         ]
         batch = self.processor(
@@ -702,11 +709,19 @@ class VQACollator:
         return batch
 
 
+def answer_header(processor) -> str:
+    """What the chat template writes before the answer: "<|im_start|>assistant\\n", for Qwen3.5 followed by the empty
+    thinking block. Read off the template's own generation prompt, so training labels start where inference scores."""
+    probe = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    prompt = processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
+    return prompt[prompt.rindex("<|im_start|>") :]
+
+
 def answer_labels(input_ids: torch.Tensor, header_ids: list[int], im_end_id: int) -> torch.Tensor:
     """Labels covering exactly the assistant's answer and the <|im_end|> that closes it; -100 elsewhere.
 
-    The chat template ends with "<|im_end|>\\n", so the answer is NOT the last token: it starts after the last
-    "<|im_start|>assistant\\n" header and runs to the next <|im_end|>.
+    The chat template ends with "<|im_end|>\\n", so the answer is NOT the last token: it starts after the last answer
+    header (`answer_header`) and runs to the next <|im_end|>.
     """
     labels = torch.full_like(input_ids, -100)
     header = torch.tensor(header_ids)
@@ -824,6 +839,14 @@ MODEL_FAMILIES = {  # by config.json's model_type
     "qwen3_vl_moe": ModelFamily(
         "Qwen3VLMoeForConditionalGeneration",
         "Qwen3VLMoeVisionAttention",
+        expert_tensors=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    ),
+    # Qwen3.5 and Qwen3.6: a hybrid language model (three Gated DeltaNet layers, linear_attn, to each full-attention
+    # layer, self_attn) under Qwen3-VL's vision tower without deepstack; its vision attention is Qwen3-VL's.
+    "qwen3_5": ModelFamily("Qwen3_5ForConditionalGeneration", "Qwen3_5VisionAttention"),
+    "qwen3_5_moe": ModelFamily(
+        "Qwen3_5MoeForConditionalGeneration",
+        "Qwen3_5MoeVisionAttention",
         expert_tensors=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     ),
 }
@@ -1015,10 +1038,21 @@ def batch_vision_attention(model) -> int:
     return len(modules)
 
 
+# Which projections get adapters by default (GPU_DEFAULTS' lora_targets): q/k/v/o_proj of the attention layers and, in
+# Qwen3.5, in_proj_qkv, in_proj_z and out_proj of the Gated DeltaNet layers (their query-key-value, output-gate and
+# output projections; the other families have no such modules). With q/k/v/o alone LoRA would reach only the 8
+# full-attention layers of Qwen3.5-9B's 32: the 24 DeltaNet layers, three quarters of the token mixing, would not adapt
+# at all. It is cheap: at r=8 on Qwen3.5-9B (transformers' default Qwen3_5TextConfig) the DeltaNet adapters add 5.5 M
+# parameters to attention's 2.0 M, about 90 MB more in fp32 with their gradients and AdamW state, and little compute
+# (two rank-8 matrices beside each 4096-wide projection). Axolotl's Qwen3.5 examples add exactly these three
+# (examples/qwen3.5/README.md, "Gated DeltaNet Linear Attention"); ms-swift's default, all-linear, adapts every linear
+# layer. Left out: in_proj_a and in_proj_b, whose outputs, one per value head (32 in 9B), set each head's state decay
+# and write strength: a rank-8 adapter there has a quarter of the rank of the small matrix it adapts.
 def lora_target_regex(targets: tuple[str, ...]) -> str:
-    """Only the language model's attention and MLP projections: the vision tower shares names such as gate_proj in
-    Qwen2.5-VL, and a Qwen3-VL-MoE's 4-bit experts hold modules named mlp.experts.parametrizations.down_proj."""
-    return rf".*language_model.*\.(self_attn|mlp)\.({'|'.join(targets)})$"
+    """Only the language model's attention, DeltaNet (Qwen3.5's linear_attn) and MLP projections: the vision tower
+    shares names such as gate_proj in Qwen2.5-VL, and an MoE's 4-bit experts hold modules named
+    mlp.experts.parametrizations.down_proj."""
+    return rf".*language_model.*\.(self_attn|linear_attn|mlp)\.({'|'.join(targets)})$"
 
 
 def attach_lora(base_model, cfg: Config):
@@ -1071,6 +1105,9 @@ def release_memory() -> None:
 #   - stores each with bnb's replace_parameter_4bit as it arrives (nn.Linear still goes to transformers' Linear4bit op),
 #     so no more than one 16-bit expert tensor is ever held, on the GPU or in host memory;
 #   - rebuilds them from a folder written by save_quantized_base (bnb's replace_parameter_4bit_prequantized).
+# Qwen3.5-MoE (and Qwen3.6-35B-A3B) checkpoints store each expert's gate/up/down_proj apart; transformers fuses them
+# into the same two tensors (mlp.experts.gate_up_proj, down_proj) before the quantize op sees them, so the same loader
+# holds at most one layer's experts in 16 bits. Its shared expert is a plain MLP (nn.Linear, Linear4bit on a GPU).
 # This much is hand-rolled because neither library does it: transformers' bitsandbytes quantizer only knows Linear4bit
 # (it has no option for other parameters), and bitsandbytes' parametrization comes without a loader.
 #
@@ -1084,7 +1121,7 @@ _EXPERT_TENSORS = tuple(dict.fromkeys(name for f in MODEL_FAMILIES.values() for 
 
 
 def is_expert_tensor(name: str) -> bool:
-    """A fused expert tensor of a Qwen3-VL-MoE decoder layer ([experts, out, in]), by its parameter name."""
+    """A fused expert tensor of an MoE decoder layer ([experts, out, in]), by its parameter name."""
     return name.endswith(tuple(f".{tensor}" for tensor in _EXPERT_TENSORS))
 
 
@@ -1449,6 +1486,166 @@ QWEN3_VL_CHAT_TEMPLATE = """{%- if tools %}
 {%- endif %}
 """  # noqa: E501 (verbatim template)
 
+# Chat template of Qwen/Qwen3.5-* (dense and MoE), verbatim: 7756 UTF-8 bytes, SHA-256 a4aee8afcf2e0711..., the hash
+# pinned for mlx-community/Qwen3.5-35B-A3B-4bit's chat_template.jinja in a public test suite; the same text is quoted
+# as Qwen/Qwen3.5-27B's tokenizer_config.json template elsewhere. Unlike Qwen3-VL it opens a thinking block after the
+# assistant header ("<think>\n", or an empty one with enable_thinking=False: see CHAT_TEMPLATE_KWARGS) and writes the
+# last assistant turn after an empty thinking block.
+QWEN3_5_CHAT_TEMPLATE = """{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- macro render_content(content, do_vision_count, is_system_content=false) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping %}
+        {%- for item in content %}
+            {%- if 'image' in item or 'image_url' in item or item.type == 'image' %}
+                {%- if is_system_content %}
+                    {{- raise_exception('System message cannot contain images.') }}
+                {%- endif %}
+                {%- if do_vision_count %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Picture ' ~ image_count.value ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif 'video' in item or item.type == 'video' %}
+                {%- if is_system_content %}
+                    {{- raise_exception('System message cannot contain videos.') }}
+                {%- endif %}
+                {%- if do_vision_count %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}
+                    {{- 'Video ' ~ video_count.value ~ ': ' }}
+                {%- endif %}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+            {%- elif 'text' in item %}
+                {{- item.text }}
+            {%- else %}
+                {{- raise_exception('Unexpected item type in content.') }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif content is none or content is undefined %}
+        {{- '' }}
+    {%- else %}
+        {{- raise_exception('Unexpected content type.') }}
+    {%- endif %}
+{%- endmacro %}
+{%- if not messages %}
+    {{- raise_exception('No messages provided.') }}
+{%- endif %}
+{%- if tools and tools is iterable and tools is not mapping %}
+    {{- '<|im_start|>system\\n' }}
+    {{- "# Tools\\n\\nYou have access to the following functions:\\n\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>" }}
+    {{- '\\n\\nIf you choose to call a function ONLY reply in the following format with NO suffix:\\n\\n<tool_call>\\n<function=example_function_name>\\n<parameter=example_parameter_1>\\nvalue_1\\n</parameter>\\n<parameter=example_parameter_2>\\nThis is the value for the second parameter\\nthat can span\\nmultiple lines\\n</parameter>\\n</function>\\n</tool_call>\\n\\n<IMPORTANT>\\nReminder:\\n- Function calls MUST follow the specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> XML tags\\n- Required parameters MUST be specified\\n- You may provide optional reasoning for your function call in natural language BEFORE the function call, but NOT after\\n- If there is no function call available, answer the question like normal with your current knowledge and do not tell the user about function calls\\n</IMPORTANT>' }}
+    {%- if messages[0].role == 'system' %}
+        {%- set content = render_content(messages[0].content, false, true)|trim %}
+        {%- if content %}
+            {{- '\\n\\n' + content }}
+        {%- endif %}
+    {%- endif %}
+    {{- '<|im_end|>\\n' }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {%- set content = render_content(messages[0].content, false, true)|trim %}
+        {{- '<|im_start|>system\\n' + content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" %}
+        {%- set content = render_content(message.content, false)|trim %}
+        {%- if not(content.startswith('<tool_response>') and content.endswith('</tool_response>')) %}
+            {%- set ns.multi_step_tool = false %}
+            {%- set ns.last_query_index = index %}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if ns.multi_step_tool %}
+    {{- raise_exception('No user query found in messages.') }}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = render_content(message.content, true)|trim %}
+    {%- if message.role == "system" %}
+        {%- if not loop.first %}
+            {{- raise_exception('System message must be at the beginning.') }}
+        {%- endif %}
+    {%- elif message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- set reasoning_content = reasoning_content|trim %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content + '\\n</think>\\n\\n' + content }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls and message.tool_calls is iterable and message.tool_calls is not mapping %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if tool_call.function is defined %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {%- if loop.first %}
+                    {%- if content|trim %}
+                        {{- '\\n\\n<tool_call>\\n<function=' + tool_call.name + '>\\n' }}
+                    {%- else %}
+                        {{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}
+                    {%- endif %}
+                {%- else %}
+                    {{- '\\n<tool_call>\\n<function=' + tool_call.name + '>\\n' }}
+                {%- endif %}
+                {%- if tool_call.arguments is defined %}
+                    {%- for args_name, args_value in tool_call.arguments|items %}
+                        {{- '<parameter=' + args_name + '>\\n' }}
+                        {%- set args_value = args_value | tojson | safe if args_value is mapping or (args_value is sequence and args_value is not string) else args_value | string %}
+                        {{- args_value }}
+                        {{- '\\n</parameter>\\n' }}
+                    {%- endfor %}
+                {%- endif %}
+                {{- '</function>\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.previtem and loop.previtem.role != "tool" %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if not loop.last and loop.nextitem.role != "tool" %}
+            {{- '<|im_end|>\\n' }}
+        {%- elif loop.last %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- raise_exception('Unexpected message role.') }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- else %}
+        {{- '<think>\\n' }}
+    {%- endif %}
+{%- endif %}"""  # noqa: E501 (verbatim template)
+
 # Training text for the BPE: chat-template words plus English and Korean
 # multiple-choice VQA phrasing, so merges resemble the text the tests feed in.
 _BASE_SENTENCES = [
@@ -1527,7 +1724,7 @@ _MAX_PIXELS = 128 * 128
 _MERGE_SIZE = 2
 _TEMPORAL_PATCH_SIZE = 2
 
-# Tiny dimensions shared by all three archs. head_dim = 128 / 4 = 32, so the
+# Tiny dimensions shared by all archs. head_dim = 128 / 4 = 32, so the
 # multimodal rope section [t, h, w] must sum to head_dim / 2 = 16.
 _TEXT_DIMS = {
     "hidden_size": 128,
@@ -1540,6 +1737,27 @@ _TEXT_DIMS = {
 }
 _HEAD_DIM = 32
 _MROPE_SECTION = [8, 4, 4]
+# Qwen3.5: a hybrid language model, three Gated DeltaNet (linear attention) layers to each full-attention layer as in
+# the real models, so 4 layers hold both kinds. Its attention heads are 64 wide, a quarter of each rotated (the real
+# partial_rotary_factor), so the multimodal rope section sums to 64 / 4 / 2 = 8: [3, 3, 2] like the real [11, 11, 10].
+# DeltaNet: 2 key heads and 4 value heads of 32 (the real ratio of 1:2).
+QWEN3_5_ARCHS = ("qwen3_5", "qwen3_5_moe")
+_QWEN3_5_TEXT_DIMS = {
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    "head_dim": 64,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 1e7,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [3, 3, 2],
+        "mrope_interleaved": True,
+    },
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+}
 _VISION_DIMS = {
     "depth": 2,
     "hidden_size": 64,
@@ -1575,8 +1793,12 @@ def _training_corpus() -> list[str]:
     return corpus
 
 
-def build_tokenizer():
-    """Train a tiny byte-level BPE with the Qwen2 pre-tokenisation and wrap it as a Qwen2 tokenizer."""
+def build_tokenizer(extra_tokens: tuple[str, ...] = ()):
+    """Train a tiny byte-level BPE with the Qwen2 pre-tokenisation and wrap it as a Qwen2 tokenizer.
+
+    `extra_tokens` become single tokens after the special ones, not special themselves (Qwen3.5's <think> and
+    </think>, as in its real vocabulary). A Qwen3.5 folder reloads it as Qwen3_5Tokenizer, with Qwen3.5's own
+    pre-tokenisation, as transformers does for the real one."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -1604,6 +1826,7 @@ def build_tokenizer():
     backend.train_from_iterator(_training_corpus(), trainer=trainer)
     # Added after training, so (as in the real vocab) they sit after the BPE ids.
     backend.add_special_tokens(SPECIAL_TOKENS)
+    backend.add_tokens(list(extra_tokens))
 
     # Settings mirror the real Qwen2.5-VL / Qwen3-VL tokenizer_config.json.
     tokenizer = Qwen2TokenizerFast(
@@ -1651,23 +1874,24 @@ def _build_processor(arch: str, tokenizer):
             video_processor=video_processor,
             chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
         )
-    # Qwen3-VL (dense and MoE): 16-px patches, mean/std 0.5 as in its preprocessor_config.json.
+    # Qwen3-VL and Qwen3.5 (dense and MoE): 16-px patches, mean/std 0.5 as in their preprocessor_config.json.
     image_processor = Qwen2VLImageProcessor(
         size=size, patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **common
     )
     # The video budget counts pixels over all frames, hence the larger maximum.
     video_size = {"shortest_edge": _MIN_PIXELS, "longest_edge": 8 * _MAX_PIXELS}
     video_processor = Qwen3VLVideoProcessor(size=video_size, patch_size=16, **common)
+    # Qwen3.5 (dense and MoE) uses Qwen3-VL's processor, image and video settings; only its chat template differs.
     return Qwen3VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+        chat_template=QWEN3_5_CHAT_TEMPLATE if arch in QWEN3_5_ARCHS else QWEN3_VL_CHAT_TEMPLATE,
     )
 
 
 def _build_config(arch: str, tokenizer):
-    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+    from transformers import Qwen2_5_VLConfig, Qwen3_5Config, Qwen3_5MoeConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
     ids = tokenizer.convert_tokens_to_ids
     token_ids = {
@@ -1695,6 +1919,16 @@ def _build_config(arch: str, tokenizer):
             "tokens_per_second": 2,
         }
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **top)
+    if arch in QWEN3_5_ARCHS:
+        vision = {**_VISION_DIMS, "patch_size": 16, "num_position_embeddings": 256}  # Qwen3-VL's, without deepstack
+        text.update(_QWEN3_5_TEXT_DIMS)
+        if arch == "qwen3_5":
+            return Qwen3_5Config(text_config=text, vision_config=vision, **top)
+        del text["intermediate_size"]  # every layer is MoE: routed experts and one shared expert
+        # Expert width 192 as in Qwen3-VL-MoE below: a multiple of 64 for bitsandbytes' CPU dequantize.
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=192)
+        text.update(shared_expert_intermediate_size=192)
+        return Qwen3_5MoeConfig(text_config=text, vision_config=vision, **top)
 
     text["head_dim"] = _HEAD_DIM
     text["rope_parameters"] = {
@@ -1752,7 +1986,7 @@ def build_tiny_model(out_dir, arch: str = "qwen3_vl", seed: int = 0) -> Path:
     if _is_built(out_dir, arch):
         return out_dir
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(("<think>", "</think>") if arch in QWEN3_5_ARCHS else ())
     processor = _build_processor(arch, tokenizer)
     config = _build_config(arch, tokenizer)
 

@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT))
 
 import helpers  # noqa: E402
 
-ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """Prompts, answer-only labels and batching, for the tokenization of every supported architecture."""
 
+import hashlib
+
 import pytest
 import torch
 from conftest import ARCHS
@@ -31,11 +33,47 @@ def test_labels_cover_exactly_the_answer_and_im_end(arch, tiny_model_dirs, rows)
 def test_inference_batch_is_left_padded_and_ends_with_the_generation_prompt(arch, tiny_model_dirs, rows):
     processor = AutoProcessor.from_pretrained(tiny_model_dirs[arch])
     dataset = helpers.VQADataset(rows, 64, train=False)
-    batch = helpers.VQACollator(processor, train=False)([dataset[i] for i in range(len(rows))])
-    header = processor.tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    collator = helpers.VQACollator(processor, train=False)
+    batch = collator([dataset[i] for i in range(len(rows))])
+    header = collator.header_ids
     assert (batch["input_ids"][:, -len(header) :] == torch.tensor(header)).all()
     assert batch["attention_mask"][:, -1].all()  # left padding: every row ends at the last column
     assert "labels" not in batch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_text_is_the_inference_prompt_then_the_answer(arch, tiny_model_dirs, rows):
+    """The letter is trained exactly where inference scores it: after the same prompt, token for token."""
+    processor = AutoProcessor.from_pretrained(tiny_model_dirs[arch])
+    row = rows.iloc[0].to_dict()
+    train, prompt = (
+        processor.apply_chat_template(
+            helpers.build_messages(row, answer=answer),
+            tokenize=False,
+            add_generation_prompt=answer is None,
+            **helpers.CHAT_TEMPLATE_KWARGS,
+        )
+        for answer in (row["answer"], None)
+    )
+    assert train == f"{prompt}{row['answer']}<|im_end|>\n"
+    assert prompt.endswith(helpers.answer_header(processor))
+
+
+def test_qwen3_5_prompt_closes_the_thinking_block(tiny_model_dirs, rows):
+    """Qwen3.5's template opens a thinking block by default; the prompt must end with an empty, closed one."""
+    processor = AutoProcessor.from_pretrained(tiny_model_dirs["qwen3_5"])
+    messages = helpers.build_messages(rows.iloc[0].to_dict())
+    default = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert default.endswith("<|im_start|>assistant\n<think>\n")
+    assert helpers.answer_header(processor) == "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    header = processor.tokenizer.convert_ids_to_tokens(helpers.VQACollator(processor, train=False).header_ids)
+    assert "<think>" in header and "</think>" in header  # single tokens, as in the real vocabulary
+
+
+def test_qwen3_5_chat_template_is_the_published_one():
+    """Verbatim: the SHA-256 of mlx-community/Qwen3.5-35B-A3B-4bit's chat_template.jinja."""
+    digest = hashlib.sha256(helpers.QWEN3_5_CHAT_TEMPLATE.encode()).hexdigest()
+    assert digest == "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715"
 
 
 def test_prompt_has_question_options_hint_and_instruction(rows):

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 import helpers
 
@@ -46,6 +47,29 @@ def test_option_order_is_mapped_back(tiny, sample_data):
         permuted[helpers.LETTERS[shown]] = rows[helpers.LETTERS[original]]
     direct = helpers.letter_log_probs(model, processor, permuted, cfg)
     np.testing.assert_allclose(mapped[:, list(order)], direct, atol=1e-5)
+
+
+def test_qwen3_5_letter_scores_equal_a_manual_forward_of_each_row(tiny_model_dirs, tmp_path, sample_data):
+    """Scoring left-padded batches equals the model's own next-token distribution after each prompt alone: padding
+    reaches neither the Gated DeltaNet state nor the letter, which comes right after the closed thinking block."""
+    cfg = helpers.Config(profile="smoke", model_id=str(tiny_model_dirs["qwen3_5"]), output_dir=str(tmp_path))
+    model, processor = helpers.load_model_and_processor(cfg)
+    rows = sample_data[0].iloc[[0, 80, 160]].reset_index(drop=True)  # different lengths: one batch, padded
+    cfg.eval_batch_size = 3
+    scored = helpers.position_log_probs(model, processor, rows, cfg)
+
+    dataset = helpers.VQADataset(rows, cfg.image_size, train=False)
+    collator = helpers.VQACollator(processor, train=False)
+    assert not collator([dataset[i] for i in range(len(rows))])["attention_mask"].all()  # the batch is padded
+    letters = helpers.letter_token_ids(processor.tokenizer)
+    manual = []
+    with torch.no_grad():
+        for i in range(len(rows)):
+            batch = collator([dataset[i]])
+            assert batch["attention_mask"].all()  # one row: no padding
+            logits = model(**helpers.model_inputs(batch, helpers.input_device(model))).logits[0, -1]
+            manual.append(logits.log_softmax(-1)[letters].numpy())
+    np.testing.assert_allclose(scored, np.stack(manual), atol=1e-5)
 
 
 def test_tokenizer_that_splits_letters_is_rejected():

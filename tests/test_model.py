@@ -14,6 +14,8 @@ CLASSES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
 
 
@@ -42,7 +44,7 @@ def test_build_tiny_model_is_idempotent(tiny_model_dirs):
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_lora_sits_on_the_language_model_only(arch, tiny_model_dirs, tmp_path):
     cfg = cfg_for(arch, tiny_model_dirs, tmp_path)  # smoke targets include gate/up/down, shared with the vision MLP
     model, _ = helpers.load_model_and_processor(cfg)
@@ -52,8 +54,9 @@ def test_lora_sits_on_the_language_model_only(arch, tiny_model_dirs, tmp_path):
     assert any("mlp.gate_proj" in n for n in lora)
 
 
-def test_training_step_moves_lora_and_nothing_else(tiny_model_dirs, tmp_path, sample_data):
-    cfg = cfg_for("qwen3_vl", tiny_model_dirs, tmp_path)
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_5"])
+def test_training_step_moves_lora_and_nothing_else(arch, tiny_model_dirs, tmp_path, sample_data):
+    cfg = cfg_for(arch, tiny_model_dirs, tmp_path)
     model, processor = helpers.load_model_and_processor(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = helpers.attach_lora(model, cfg)
@@ -65,12 +68,32 @@ def test_training_step_moves_lora_and_nothing_else(tiny_model_dirs, tmp_path, sa
     helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
     optimizer.step()
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
-    assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; the step moved it
+    assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; the step moved it (through DeltaNet too)
 
     base = helpers.detach_lora(peft_model)
     after = dict(base.named_parameters())
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_default_lora_reaches_both_layer_types_of_qwen3_5(arch, tiny_model_dirs, tmp_path):
+    """With the GPU default targets every layer gets adapters: q/k/v/o_proj in the full-attention layers, in_proj_qkv,
+    in_proj_z and out_proj in the Gated DeltaNet layers; nothing in the vision tower, the MLPs or the experts."""
+    cfg = cfg_for(arch, tiny_model_dirs, tmp_path, lora_targets=helpers.GPU_DEFAULTS["lora_targets"])
+    model, _ = helpers.load_model_and_processor(cfg)
+    layer_types = model.config.text_config.layer_types
+    assert set(layer_types) == {"linear_attention", "full_attention"}
+    expected = set()
+    for i, kind in enumerate(layer_types):
+        if kind == "linear_attention":
+            expected |= {f"{i}.linear_attn.{name}" for name in ("in_proj_qkv", "in_proj_z", "out_proj")}
+        else:
+            expected |= {f"{i}.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    peft_model = helpers.attach_lora(model, cfg)
+    adapted = [n.removesuffix(".lora_A.default.weight") for n, _ in peft_model.named_parameters() if "lora_A" in n]
+    assert all(".language_model.layers." in n for n in adapted)
+    assert {n.split(".language_model.layers.")[1] for n in adapted} == expected
 
 
 def test_micro_batches_give_the_full_batch_gradient(tiny_model_dirs, tmp_path, sample_data):

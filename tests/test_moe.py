@@ -1,4 +1,5 @@
-"""Qwen3-VL-MoE: fused expert tensors stored in 4 bits while loading, trained around, saved and reloaded."""
+"""Qwen3-VL-MoE and Qwen3.5-MoE: fused expert tensors stored in 4 bits while loading, trained around, saved and
+reloaded."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import helpers
 
 CPU = torch.device("cpu")
+MOE_ARCHS = ("qwen3_vl_moe", "qwen3_5_moe")  # Qwen3.5-MoE checkpoints store experts one by one: fused while loading
 
 
 def cfg_for(model_id, tmp_path, **overrides):
@@ -41,8 +43,13 @@ def packed_experts(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".mlp.experts.parametrizations." in n}
 
 
+@pytest.fixture(scope="module", params=MOE_ARCHS)
+def moe_dir(request, tiny_model_dirs):
+    return tiny_model_dirs[request.param]
+
+
 @pytest.fixture(scope="module")
-def moe_dir(tiny_model_dirs):
+def vl_moe_dir(tiny_model_dirs):
     return tiny_model_dirs["qwen3_vl_moe"]
 
 
@@ -54,14 +61,14 @@ def quantized(moe_dir, tmp_path_factory):
 def test_experts_are_stored_in_4_bits(quantized):
     model, _ = quantized
     storage = helpers.expert_storage(model)
-    assert storage["layers"] == 2
+    assert storage["layers"] == model.config.text_config.num_hidden_layers
     # NF4 packs two weights a byte (1/4 of fp16); the double-quantized statistics add ~1 byte per 64 weights
     assert 0.25 < storage["stored_bytes"] / storage["fp16_bytes"] < 0.27
     for experts in expert_modules(model):
         for name in ("gate_up_proj", "down_proj"):
             assert experts.parametrizations[name].original.dtype == torch.uint8
-    floats = [n for n, p in model.named_parameters() if p.dim() == 3 and p.is_floating_point()]
-    assert floats == []  # no expert tensor left in full precision
+    floats = [n for n, p in model.named_parameters() if ".mlp.experts." in n and p.is_floating_point()]
+    assert floats == []  # no expert tensor left in full precision (Qwen3.5's 3-D DeltaNet conv1d is no expert)
 
 
 def test_quantized_logits_stay_close_to_the_unquantized_model(quantized, moe_dir, sample_data):
@@ -84,17 +91,18 @@ def test_quantized_logits_stay_close_to_the_unquantized_model(quantized, moe_dir
     assert agree.sum() >= 15
 
 
-def test_hub_layout_is_transposed_while_loading(moe_dir, quantized, tmp_path):
+def test_hub_layout_is_transposed_while_loading(vl_moe_dir, tmp_path):
     """The Hub's Qwen3-VL-MoE checkpoints store experts as [experts, in, out]; transformers transposes them on load."""
     hub_dir = tmp_path / "hub-layout"
-    shutil.copytree(moe_dir, hub_dir)
+    shutil.copytree(vl_moe_dir, hub_dir)
     weights = load_file(hub_dir / "model.safetensors")
     for name in [n for n in weights if helpers.is_expert_tensor(n)]:
         weights[name] = weights[name].transpose(1, 2).contiguous()
     save_file(weights, hub_dir / "model.safetensors", metadata={"format": "pt"})
 
     model, _ = helpers.load_model_and_processor(cfg_for(hub_dir, tmp_path))
-    for ours, theirs in zip(expert_modules(model), expert_modules(quantized[0]), strict=True):
+    reference, _ = helpers.load_model_and_processor(cfg_for(vl_moe_dir, tmp_path))
+    for ours, theirs in zip(expert_modules(model), expert_modules(reference), strict=True):
         assert torch.equal(ours.gate_up_proj, theirs.gate_up_proj)
         assert torch.equal(ours.down_proj, theirs.down_proj)
 
@@ -105,7 +113,7 @@ def test_training_step_moves_lora_only_and_keeps_experts_in_4_bits(moe_dir, tmp_
     packed, router = packed_experts(model), model.model.language_model.layers[0].mlp.gate.weight.clone()
     peft_model = helpers.attach_lora(model, cfg)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n and ".self_attn." in n for n in trainable)
+    assert trainable and all("lora_" in n and (".self_attn." in n or ".linear_attn." in n) for n in trainable)
 
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -201,19 +209,19 @@ MEMORY_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from Linux's /proc")
-def test_loading_holds_about_one_layer_in_full_precision_not_the_model(moe_dir, tmp_path):
+def test_loading_holds_about_one_layer_in_full_precision_not_the_model(vl_moe_dir, tmp_path):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     # The tiny model's experts are too small to measure: 16 layers of 16 experts 256 wide make 48 MiB in 16 bits.
-    config = AutoConfig.from_pretrained(moe_dir)
+    config = AutoConfig.from_pretrained(vl_moe_dir)
     config.text_config.update({"num_hidden_layers": 16, "num_experts": 16, "moe_intermediate_size": 256})
     big = tmp_path / "bigger-moe"
     torch.manual_seed(0)
     AutoModelForImageTextToText.from_config(config, dtype=torch.float32).save_pretrained(big)
-    AutoProcessor.from_pretrained(moe_dir).save_pretrained(big)
+    AutoProcessor.from_pretrained(vl_moe_dir).save_pretrained(big)
 
     script = tmp_path / "measure.py"
-    paths = {"root": str(ROOT), "out": str(tmp_path / "out"), "warmup": str(moe_dir), "model": str(big)}
+    paths = {"root": str(ROOT), "out": str(tmp_path / "out"), "warmup": str(vl_moe_dir), "model": str(big)}
     script.write_text(MEMORY_SCRIPT.format(**paths))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
