@@ -1730,12 +1730,32 @@ def save_checkpoint(fold_dir: Path, state: dict, model, keep: int = 2) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def newest_readable_checkpoint(fold_dir: Path) -> dict | None:
+    """The state of the newest checkpoint that can be read, or None.
+
+    A checkpoint that cannot be read (truncated by a full disk or a killed session) is renamed
+    unreadable-checkpoint-<step> with a warning, and the one before it is tried (save_checkpoint keeps two). Renamed,
+    it no longer counts as the newest, so the checkpoints written after it are kept and pruned as usual.
+    """
+    for path in reversed(checkpoint_paths(fold_dir)):
+        try:
+            return torch.load(path / "state.pt", weights_only=False)
+        except Exception as error:  # torch raises RuntimeError, EOFError or UnpicklingError on a damaged file
+            aside = path.with_name(f"unreadable-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            print(
+                f"warning: {path / 'state.pt'} is unreadable ({error}); moved to {aside}, resuming from the "
+                "checkpoint before it (or from the start if there is none)"
+            )
+    return None
+
+
 def load_checkpoint(fold_dir: Path, model) -> dict | None:
-    """The newest checkpoint's state with the adapter weights and RNG restored, or None."""
-    paths = checkpoint_paths(fold_dir)
-    if not paths:
+    """The newest readable checkpoint's state with the adapter weights and RNG restored, or None."""
+    state = newest_readable_checkpoint(fold_dir)
+    if state is None:
         return None
-    state = torch.load(paths[-1] / "state.pt", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.pop("trainable").items():
@@ -1890,12 +1910,25 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
 
 
 def fold_is_trained(cfg: Config, fold: int) -> bool:
-    return (cfg.fold_dir(fold) / "result.json").exists()
+    return fold_result(cfg, fold) is not None
 
 
-def fold_result(cfg: Config, fold: int) -> dict:
-    """A finished fold's result.json: best validation accuracy and loss, skipped steps, history."""
-    return json.loads((cfg.fold_dir(fold) / "result.json").read_text())
+def fold_result(cfg: Config, fold: int) -> dict | None:
+    """A finished fold's result.json (best validation accuracy and loss, skipped steps, history), or None.
+
+    An unreadable result.json is renamed unreadable-result.json with a message and the fold counts as unfinished:
+    training it again resumes from its last checkpoint, which holds the whole result, so that costs no training.
+    """
+    path = cfg.fold_dir(fold) / "result.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError: truncated or damaged
+        aside = path.with_name(f"unreadable-{path.name}")
+        path.replace(aside)
+        print(f"{path} is unreadable ({error}); moved to {aside}, fold {fold} runs again from its last checkpoint")
+        return None
 
 
 def bind_fold(cfg: Config, folds_print: dict, fold: int) -> None:

@@ -1,9 +1,10 @@
-"""A run folder bound to its config and data: fingerprints checked before reuse."""
+"""A run folder bound to its config and data: fingerprints checked before reuse, and damaged run files made again."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 
 import helpers
 
@@ -216,3 +217,40 @@ def test_scores_from_before_fingerprints_are_made_again(scorer, capsys):
     np.savez(path, **old)
     assert score()
     assert "no fingerprint" in capsys.readouterr().out
+
+
+# -- checkpoints and result.json ---------------------------------------------------------------------------------------
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    model = torch.nn.Linear(2, 2)
+    for step in (2, 4):
+        torch.nn.init.constant_(model.weight, step)
+        helpers.save_checkpoint(tmp_path, {"global_step": step}, model)
+    newest = tmp_path / "checkpoint-4" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated: PytorchStreamReader failed reading zip archive
+
+    assert helpers.load_checkpoint(tmp_path, model)["global_step"] == 2
+    assert (model.weight == 2).all()
+    assert f"warning: {newest} is unreadable" in capsys.readouterr().out
+    assert [p.name for p in helpers.checkpoint_paths(tmp_path)] == ["checkpoint-2"]
+    assert (tmp_path / "unreadable-checkpoint-4" / "state.pt").exists()  # kept, out of the way
+
+
+def test_no_readable_checkpoint_starts_the_fold_over(tmp_path, capsys):
+    model = torch.nn.Linear(2, 2)
+    helpers.save_checkpoint(tmp_path, {"global_step": 2}, model)
+    (tmp_path / "checkpoint-2" / "state.pt").write_bytes(b"")
+    assert helpers.load_checkpoint(tmp_path, model) is None
+    assert "from the start if there is none" in capsys.readouterr().out
+
+
+def test_an_unreadable_result_json_makes_the_fold_run_again(tmp_path, capsys):
+    cfg = smoke(tmp_path)
+    path = cfg.fold_dir(0) / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"fold": 0, "best_val_acc": 0.7')  # truncated
+    assert not helpers.fold_is_trained(cfg, 0)
+    assert f"{path} is unreadable" in capsys.readouterr().out
+    assert (cfg.fold_dir(0) / "unreadable-result.json").exists() and not path.exists()
+    assert helpers.fold_result(cfg, 0) is None and capsys.readouterr().out == ""  # said once
