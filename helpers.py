@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import gc
 import glob
+import hashlib
 import io
 import json
 import math
@@ -183,6 +184,8 @@ class Config:
     model_id: str | None = None  # Hub id or local folder; "tiny:<arch>" builds a tiny random one
     data_dir: str | None = None  # None: search Kaggle inputs, Colab, ./data
     output_dir: str = "outputs"
+    move_stale_run_aside: bool = False  # output_dir holds folds or adapters made from another config or data: False
+    # stops the run and lists what changed; True renames the folder <output_dir>-<time> (nothing deleted), starts afresh
     zero_shot: bool = False  # skip training and predict with the base model
     zero_shot_baseline: bool = True  # score the base model on (a sample of) the train rows before training
 
@@ -548,6 +551,141 @@ def make_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
     for fold, (_, val_idx) in enumerate(splitter.split(folds, fold_strata(train, n_folds))):
         folds.loc[folds.index[val_idx], "fold"] = fold
     return folds
+
+
+# -- The run folder: every artefact bound to what it was made from -------------------------------------------------
+# A re-run into the same output_dir reuses what it finds there: each fold's adapter, checkpoints and result, each
+# member's scores. Reused after a change of data, seed, n_folds, image_size or lr they give wrong numbers without any
+# error, so each artefact keeps a fingerprint: the values it was made from, by name, so that a mismatch can say which
+# changed. fingerprint.json beside folds.csv (the data and the folds) and in each fold folder (its adapter); inside
+# scores.npz (the member's model and the inference settings). Folds and adapters are checked before any work starts
+# (prepare_run_folder) and a mismatch stops the run, as they cost hours; scores are cheap and are simply made again.
+
+# The Config fields that define each artefact; any other field (train_folds, micro-batch and workers, parallel_folds,
+# ...) may change between runs of one folder. `precision` reads "auto" until Config has such a field.
+FOLD_FIELDS = ("n_folds", "seed")
+ADAPTER_FIELDS = (
+    "model_id",
+    "precision",
+    "image_size",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "lr",
+    "epochs",
+    "effective_batch",  # batch_size x grad_accum: the gradient of a step, whatever micro-batch fits
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "shuffle_options",
+)
+SCORE_FIELDS = ("image_size", "tta_rotations", "debias_samples", "seed")  # seed: the rows the letter prior is fit on
+
+
+class StaleRunError(RuntimeError):
+    pass
+
+
+def config_fields(cfg: Config, names: tuple[str, ...]) -> dict:
+    """The named Config values as JSON stores them (tuples become lists), so a stored fingerprint compares equal."""
+    return json.loads(json.dumps({name: getattr(cfg, name, "auto") for name in names}))
+
+
+def data_hash(df: pd.DataFrame) -> str:
+    """A short hash of a competition table as read from its CSV, rows in order. Without image_path (where this machine
+    found each image: not the same on Kaggle as on a laptop) and fold (made from the data); images count by path."""
+    table = df.drop(columns=["image_path", "fold"], errors="ignore")
+    return hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def files_hash(folder: Path) -> str:
+    """A short hash of the files in `folder` (an adapter: a few MB to a few hundred, read in well under a second)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def folds_fingerprint(cfg: Config, train: pd.DataFrame) -> dict:
+    return {"train data": data_hash(train), **config_fields(cfg, FOLD_FIELDS)}
+
+
+def adapter_fingerprint(cfg: Config, folds_print: dict, fold: int) -> dict:
+    """What a fold's adapter is made from: its folds (folds_fingerprint), the model and the training settings."""
+    return {**folds_print, "fold": fold, **config_fields(cfg, ADAPTER_FIELDS)}
+
+
+def scores_fingerprint(cfg: Config, name: str, folds: pd.DataFrame, test: pd.DataFrame) -> dict:
+    """What a member's scores are made from: its adapter's files (or, zero-shot, the base model), the rows scored and
+    the inference settings. The adapter's files rather than its fingerprint: a fold trained again is scored again."""
+    if name == "zeroshot":
+        model = config_fields(cfg, ("model_id", "precision"))
+    else:
+        model = {"adapter": files_hash(cfg.out / name / "best_adapter")}
+    rows = {"rows scored": data_hash(val_rows(name, folds)), "test data": data_hash(test)}
+    return {**model, **rows, **config_fields(cfg, SCORE_FIELDS)}
+
+
+def fingerprint_changes(stored: dict, expected: dict) -> list[str]:
+    """'field: old -> new' for every field that differs."""
+    keys = {**stored, **expected}
+    return [f"{k}: {stored.get(k)!r} -> {expected.get(k)!r}" for k in keys if stored.get(k) != expected.get(k)]
+
+
+def stored_fingerprint_changes(path: Path, expected: dict, made: bool) -> list[str]:
+    """How the fingerprint stored at `path` differs from `expected`; [] when it agrees, or when there is none and
+    nothing was `made` yet. A made artefact without a readable fingerprint is never reused on trust."""
+    if not path.exists():
+        return ["no fingerprint.json (made by an older version of this notebook)"] if made else []
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        return [f"fingerprint.json unreadable ({error})"]
+    return fingerprint_changes(stored, expected)
+
+
+def fold_changes(cfg: Config, folds_print: dict, fold: int) -> list[str]:
+    """How fold `fold`'s folder (adapter, checkpoints, result, scores) differs from what cfg would make."""
+    fold_dir = cfg.fold_dir(fold)
+    made = fold_dir.is_dir() and any(p.name != "fingerprint.json" for p in fold_dir.iterdir())
+    return stored_fingerprint_changes(fold_dir / "fingerprint.json", adapter_fingerprint(cfg, folds_print, fold), made)
+
+
+def stale_run_error(cfg: Config, stale: dict[Path, list[str]]) -> StaleRunError:
+    found = "\n".join(f"  - {path}: {'; '.join(changes)}" for path, changes in stale.items())
+    return StaleRunError(
+        f"{cfg.out} holds results made from another config or data; reused, they would give wrong scores:\n{found}\n"
+        f"Either set OUTPUT_DIR to a new folder, or set move_stale_run_aside=True in the Config cell: {cfg.out} is "
+        "then renamed with the time appended (nothing is deleted) and the run starts afresh."
+    )
+
+
+def prepare_run_folder(cfg: Config, train: pd.DataFrame) -> None:
+    """Before any work: check that the folds and every fold folder in cfg.out were made from this data and cfg.
+    A mismatch stops the run with the fields that changed, or with cfg.move_stale_run_aside moves the folder aside
+    (renamed <output_dir>-<time>) so the run starts afresh. Then writes config.json."""
+    folds_print = folds_fingerprint(cfg, train)
+    made = (cfg.out / "folds.csv").exists()
+    stale = {cfg.out / "fingerprint.json": stored_fingerprint_changes(cfg.out / "fingerprint.json", folds_print, made)}
+    for fold_dir in cfg.out.glob("fold*"):
+        if fold_dir.is_dir() and fold_dir.name[4:].isdigit():
+            stale[fold_dir / "fingerprint.json"] = fold_changes(cfg, folds_print, int(fold_dir.name[4:]))
+    stale = {path: changes for path, changes in sorted(stale.items()) if changes}
+    if stale and not cfg.move_stale_run_aside:
+        raise stale_run_error(cfg, stale)
+    if stale:
+        aside = cfg.out.resolve().with_name(f"{cfg.out.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg.out.rename(aside)
+        print(f"{cfg.out} was made from another config or data: moved to {aside}, starting afresh")
+    cfg.save(cfg.out / "config.json")
+
+
+def save_folds(folds: pd.DataFrame, cfg: Config) -> None:
+    """folds.csv, and the fingerprint that binds it to the data, n_folds and seed (written first: folds.csv is never
+    without one)."""
+    atomic_write_text(cfg.out / "fingerprint.json", json.dumps(folds_fingerprint(cfg, folds), indent=2))
+    atomic_write_text(cfg.out / "folds.csv", folds[["id", "fold"]].to_csv(index=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2117,12 +2255,32 @@ def save_checkpoint(fold_dir: Path, state: dict, model, keep: int = 2) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def newest_readable_checkpoint(fold_dir: Path) -> dict | None:
+    """The state of the newest checkpoint that can be read, or None.
+
+    A checkpoint that cannot be read (truncated by a full disk or a killed session) is renamed
+    unreadable-checkpoint-<step> with a warning, and the one before it is tried (save_checkpoint keeps two). Renamed,
+    it no longer counts as the newest, so the checkpoints written after it are kept and pruned as usual.
+    """
+    for path in reversed(checkpoint_paths(fold_dir)):
+        try:
+            return torch.load(path / "state.pt", weights_only=False)
+        except Exception as error:  # torch raises RuntimeError, EOFError or UnpicklingError on a damaged file
+            aside = path.with_name(f"unreadable-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            print(
+                f"warning: {path / 'state.pt'} is unreadable ({error}); moved to {aside}, resuming from the "
+                "checkpoint before it (or from the start if there is none)"
+            )
+    return None
+
+
 def load_checkpoint(fold_dir: Path, model) -> dict | None:
-    """The newest checkpoint's state with the adapter weights and RNG restored, or None."""
-    paths = checkpoint_paths(fold_dir)
-    if not paths:
+    """The newest readable checkpoint's state with the adapter weights and RNG restored, or None."""
+    state = newest_readable_checkpoint(fold_dir)
+    if state is None:
         return None
-    state = torch.load(paths[-1] / "state.pt", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.pop("trainable").items():
@@ -2461,12 +2619,36 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config, budget: T
 
 
 def fold_is_trained(cfg: Config, fold: int) -> bool:
-    return (cfg.fold_dir(fold) / "result.json").exists()
+    return fold_result(cfg, fold) is not None
 
 
-def fold_result(cfg: Config, fold: int) -> dict:
-    """A finished fold's result.json: best validation accuracy and loss, skipped steps, history."""
-    return json.loads((cfg.fold_dir(fold) / "result.json").read_text())
+def fold_result(cfg: Config, fold: int) -> dict | None:
+    """A finished fold's result.json (best validation accuracy and loss, skipped steps, history), or None.
+
+    An unreadable result.json is renamed unreadable-result.json with a message and the fold counts as unfinished:
+    training it again resumes from its last checkpoint, which holds the whole result, so that costs no training.
+    """
+    path = cfg.fold_dir(fold) / "result.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError: truncated or damaged
+        aside = path.with_name(f"unreadable-{path.name}")
+        path.replace(aside)
+        print(f"{path} is unreadable ({error}); moved to {aside}, fold {fold} runs again from its last checkpoint")
+        return None
+
+
+def bind_fold(cfg: Config, folds_print: dict, fold: int) -> None:
+    """Before a fold is trained, resumed or reused: stop if its folder was made from another config or data, else
+    record what it is made from (fingerprint.json, before its first checkpoint)."""
+    changes = fold_changes(cfg, folds_print, fold)
+    if changes:
+        raise stale_run_error(cfg, {cfg.fold_dir(fold) / "fingerprint.json": changes})
+    path = cfg.fold_dir(fold) / "fingerprint.json"
+    if not path.exists():
+        atomic_write_text(path, json.dumps(adapter_fingerprint(cfg, folds_print, fold), indent=2))
 
 
 def save_adapter(model, path: Path) -> None:
@@ -2487,12 +2669,16 @@ def fold_table(results: list[dict]) -> pd.DataFrame:
 
 
 def train_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    """Train every fold in cfg.folds_to_train with a fresh adapter, skipping folds already finished, and starting
-    no fold whose first epoch would not fit the time budget (the folds trained so far must still be scored)."""
-    budget = TimeBudget.for_run(cfg, folds, test)
-    budget.members = sum(fold_is_trained(cfg, fold) for fold in cfg.folds_to_train)
+    """Train every fold in cfg.folds_to_train with a fresh adapter, skipping folds already finished, stopping at one
+    made from another config or data (bind_fold), and starting no fold whose first epoch would not fit the time
+    budget (the folds trained so far must still be scored)."""
+    folds_print = folds_fingerprint(cfg, folds)
+    for fold in cfg.folds_to_train:
+        bind_fold(cfg, folds_print, fold)
     to_train = [fold for fold in cfg.folds_to_train if not fold_is_trained(cfg, fold)]
     results = [fold_result(cfg, fold) for fold in cfg.folds_to_train if fold not in to_train]
+    budget = TimeBudget.for_run(cfg, folds, test)
+    budget.members = len(results)  # trained folds are scored too
     if results:
         print(f"folds {[r['fold'] for r in results]}: already trained, skipped")
     for i, fold in enumerate(to_train):
@@ -2815,16 +3001,16 @@ def predict_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame
 
 def score_member(base_model, processor, name: str, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> dict:
     """One member's raw scores: its out-of-fold rows and the test set under every rotation ([orders, N, 4] letter
-    positions), and its letter prior. Saved in <member>/scores.npz and reused while tta_rotations and debias_samples
-    stay the same (a change rescores), so a re-run, or predict_folds after train_folds_on_gpus scored, costs nothing.
+    positions), and its letter prior. Saved in <member>/scores.npz with their fingerprint (scores_fingerprint: the
+    member's adapter files, the rows, tta_rotations, debias_samples, image_size) and reused while it matches, so a
+    re-run, or predict_folds after train_folds_on_gpus scored, costs nothing. A change, or an unreadable file, rescores.
     """
     orders = cyclic_orders(cfg.tta_rotations)
     scores_file = cfg.out / name / "scores.npz"
-    if scores_file.exists():
-        with np.load(scores_file) as stored:
-            saved = dict(stored)
-        if saved["orders"].tolist() == [list(o) for o in orders] and saved["debias_samples"] == cfg.debias_samples:
-            return saved
+    fingerprint = scores_fingerprint(cfg, name, folds, test)
+    saved = saved_scores(scores_file, fingerprint)
+    if saved is not None:
+        return saved
     model = base_model if name == "zeroshot" else load_adapter(base_model, cfg.out / name / "best_adapter")
     prior = fit_prior(model, processor, test, cfg)
     saved = {
@@ -2832,11 +3018,30 @@ def score_member(base_model, processor, name: str, folds: pd.DataFrame, test: pd
         "test": score_orders(model, processor, test, cfg, orders),
         "prior": np.zeros(0) if prior is None else prior,
         "orders": np.array(orders),
-        "debias_samples": np.array(cfg.debias_samples),
+        "fingerprint": np.array(json.dumps(fingerprint)),
     }
     if name != "zeroshot":
         detach_lora(model)  # the base model, as it came (unload restores it in place)
     atomic_write(scores_file, lambda file: np.savez(file, **saved))
+    return saved
+
+
+def saved_scores(path: Path, fingerprint: dict) -> dict | None:
+    """The scores saved at `path` if they were made from what `fingerprint` describes; else None, saying why."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as stored:
+            saved = dict(stored)
+        changes = fingerprint_changes(json.loads(str(saved["fingerprint"])), fingerprint)
+    except KeyError:
+        changes = ["no fingerprint (made by an older version of this notebook)"]
+    except Exception as error:  # numpy raises BadZipFile, EOFError, OSError or ValueError on a damaged file
+        print(f"{path} is unreadable ({error}): scoring {path.parent.name} again")
+        return None
+    if changes:
+        print(f"{path} was made from other inputs ({'; '.join(changes)}): scoring {path.parent.name} again")
+        return None
     return saved
 
 

@@ -91,7 +91,6 @@ def run_notebook(overrides: dict) -> list[dict]:
             exec(source, namespace)  # noqa: S102 (the notebook's own code)
             if "cfg = helpers.Config(" in source:
                 namespace["cfg"] = dataclasses.replace(namespace["cfg"], **overrides)
-                namespace["cfg"].save(namespace["cfg"].out / "config.json")
                 print("rehearsal overrides:", overrides, flush=True)
         seconds = round(time.perf_counter() - start, 1)
         timings.append({"section": title, "seconds": seconds, "peak_gib": gpu_peaks_gib()})

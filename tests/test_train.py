@@ -45,13 +45,19 @@ def test_fit_trains_validates_and_keeps_the_best_adapter(small):
     assert [p.name for p in helpers.checkpoint_paths(fold_dir)] == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_train_folds_skips_finished_folds(small, sample_data, capsys):
+def test_train_folds_skips_finished_folds(small, sample_data, capsys, monkeypatch):
     cfg, folds, model, processor = small
     cfg.epochs = 1
     first = helpers.train_folds(model, processor, folds, sample_data[1].head(6), cfg)
     second = helpers.train_folds(model, processor, folds, sample_data[1].head(6), cfg)
     assert "folds [0, 1]: already trained, skipped" in capsys.readouterr().out
     assert first.equals(second)
+    # A truncated result.json: the fold runs again, from its last checkpoint, which holds the whole result.
+    (cfg.fold_dir(1) / "result.json").write_text('{"fold": 1, "best_val_acc"')
+    monkeypatch.setattr(helpers, "accumulate_gradients", None)  # no training step needed
+    third = helpers.train_folds(model, processor, folds, sample_data[1].head(6), cfg)
+    assert f"{cfg.fold_dir(1) / 'result.json'} is unreadable" in capsys.readouterr().out
+    assert first.equals(third)
 
 
 def fake_oom_above(limit, monkeypatch):
