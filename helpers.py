@@ -562,7 +562,7 @@ def make_folds(train: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
 # (prepare_run_folder) and a mismatch stops the run, as they cost hours; scores are cheap and are simply made again.
 
 # The Config fields that define each artefact; any other field (train_folds, micro-batch and workers, parallel_folds,
-# ...) may change between runs of one folder. `precision` reads "auto" until Config has such a field.
+# time_budget_hours, ...) may change between runs of one folder.
 FOLD_FIELDS = ("n_folds", "seed")
 ADAPTER_FIELDS = (
     "model_id",
@@ -579,6 +579,7 @@ ADAPTER_FIELDS = (
     "weight_decay",
     "max_grad_norm",
     "shuffle_options",
+    "early_stopping_patience",
 )
 SCORE_FIELDS = ("image_size", "tta_rotations", "debias_samples", "seed")  # seed: the rows the letter prior is fit on
 
@@ -589,7 +590,7 @@ class StaleRunError(RuntimeError):
 
 def config_fields(cfg: Config, names: tuple[str, ...]) -> dict:
     """The named Config values as JSON stores them (tuples become lists), so a stored fingerprint compares equal."""
-    return json.loads(json.dumps({name: getattr(cfg, name, "auto") for name in names}))
+    return json.loads(json.dumps({name: getattr(cfg, name) for name in names}))
 
 
 def data_hash(df: pd.DataFrame) -> str:
