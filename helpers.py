@@ -183,6 +183,9 @@ def log(message: str) -> None:
 # -- Warnings that tell a user nothing ---------------------------------------------------------------------------------
 # peft reads the deprecated property when it wraps a model (PeftModel.__init__); nothing in this notebook uses it.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# huggingface_hub imports tqdm.auto, which warns in a kernel without ipywidgets (papermill) and falls back to the plain
+# bars that are switched off there anyway.
+warnings.filterwarnings("ignore", message="IProgress not found")
 # The GradScaler skips the optimizer step whose fp16 gradients overflowed, and the schedule steps anyway, by design:
 # skipped steps are counted in result.json.
 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
