@@ -87,6 +87,11 @@ def test_bars_write_rare_plain_lines_when_nobody_watches(monkeypatch, capsys):
     assert not helpers.live_progress()
     for _ in helpers.progress(range(1000), desc="short"):  # ends within the delay: writes nothing
         pass
+    bar = helpers.progress(total=3, desc="fold 0")
+    for step in range(3):
+        bar.update(1)
+        bar.set_postfix(loss=step)  # waits for the next line, which a short bar never writes
+    bar.close()
     helpers.log("fold 0 epoch 1: val_acc 0.5")
     assert capsys.readouterr().out == "fold 0 epoch 1: val_acc 0.5\n"
     lines = io.StringIO()
