@@ -177,6 +177,7 @@ def progress(iterable=None, total: int | None = None, **kwargs):
         return live_tqdm(iterable, total=total, **kwargs)
     total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else None
     every = dict(mininterval=30, delay=30, miniters=max(1, (total or 0) // 20), dynamic_ncols=False, position=0)
+    every["maxinterval"] = math.inf  # else tqdm's monitor thread sets miniters to 1 after 10 s without a line
     return _LogBar(iterable, total=total, file=_Lines(sys.stdout), **{**kwargs, **every})
 
 
