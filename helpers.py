@@ -168,7 +168,7 @@ class _LogBar(tqdm):
         super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
 
-def progress(iterable=None, total: int | None = None, **kwargs):
+def progress_bar(iterable=None, total: int | None = None, **kwargs):
     """tqdm live where it is watched; otherwise a line at most every 20th of the way and 30 s apart, none for a bar
     that ends within 30 s."""
     if live_progress():
@@ -179,14 +179,6 @@ def progress(iterable=None, total: int | None = None, **kwargs):
     every = dict(mininterval=30, delay=30, miniters=max(1, (total or 0) // 20), dynamic_ncols=False, position=0)
     every["maxinterval"] = math.inf  # else tqdm's monitor thread sets miniters to 1 after 10 s without a line
     return _LogBar(iterable, total=total, file=_Lines(sys.stdout), **{**kwargs, **every})
-
-
-def log(message: str) -> None:
-    """A line of its own beside a progress bar (tqdm.write keeps a live bar below it)."""
-    if live_progress():
-        tqdm.write(message)
-    else:
-        print(message, flush=True)
 
 
 def compact_inline_figures(colors: int = 64) -> None:
@@ -1869,7 +1861,7 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
         save_checkpoint(fold_dir, {**state, **extra}, model)
 
     bad_in_a_row = 0
-    bar = progress(total=total_steps, initial=state["global_step"], desc=f"fold {fold}", dynamic_ncols=True)
+    progress = progress_bar(total=total_steps, initial=state["global_step"], desc=f"fold {fold}", dynamic_ncols=True)
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         batches = length_grouped_batches(lengths, cfg.effective_batch, seed=cfg.seed * 1000 + epoch)
@@ -1887,7 +1879,7 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
                     if state["micro_batch"] == 1:
                         raise out_of_memory_at_one(cfg, "at micro-batch 1") from None
                     state["micro_batch"] //= 2
-                    log(f"out of memory: micro-batch now {state['micro_batch']}, gradient accumulation doubled")
+                    tqdm.write(f"out of memory: micro-batch now {state['micro_batch']}, gradient accumulation doubled")
 
             # -- optimizer step; a non-finite loss is skipped, never trained on
             if math.isfinite(loss):
@@ -1913,8 +1905,8 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
             state["step_in_epoch"] += 1
 
             # -- log and checkpoint
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mem=memory_summary())
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mem=memory_summary())
             if state["global_step"] % cfg.save_every_steps == 0:
                 checkpoint()
 
@@ -1923,7 +1915,9 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
         metrics = validation_metrics(log_probs, val_df["answer"])
         metrics.update(epoch=epoch + 1, step=state["global_step"], skipped_steps=state["skipped_steps"])
         state["history"].append(metrics)
-        log(f"fold {fold} epoch {epoch + 1}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}")
+        tqdm.write(
+            f"fold {fold} epoch {epoch + 1}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}"
+        )
         better = (metrics["val_acc"], -metrics["val_loss"]) > (state["best_accuracy"], -state["best_loss"])
         if better:
             state["best_accuracy"], state["best_loss"] = metrics["val_acc"], metrics["val_loss"]
@@ -1931,7 +1925,7 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config) -> dict:
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         checkpoint()
-    bar.close()
+    progress.close()
 
     result = {"fold": fold, "best_val_acc": state["best_accuracy"], "best_val_loss": state["best_loss"]}
     result.update(skipped_steps=state["skipped_steps"], history=state["history"])
@@ -2060,7 +2054,7 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     out = torch.empty(len(df), 4)
     micro = cfg.eval_batch_size  # halved on out-of-memory, and kept for the batches after
     autocast = autocast_context(device) if compute_dtype() == torch.float16 else contextlib.nullcontext
-    for batch in progress(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
+    for batch in progress_bar(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
         while True:
             try:
                 for chunk in split_batch(batch, micro):
@@ -2073,7 +2067,7 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
                 if micro == 1:
                     raise out_of_memory_at_one(cfg, "in inference at batch size 1") from None
                 micro //= 2
-                log(f"out of memory in inference: batch size now {micro}")
+                tqdm.write(f"out of memory in inference: batch size now {micro}")
     model.train(was_training)
     broken = ~torch.isfinite(out).all(1).numpy()
     if broken.any():

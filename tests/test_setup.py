@@ -85,17 +85,22 @@ def test_offline_install_from_an_attached_wheels_folder(tmp_path):
 def test_bars_write_rare_plain_lines_when_nobody_watches(monkeypatch, capsys):
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")  # a saved Kaggle version
     assert not helpers.live_progress()
-    for _ in helpers.progress(range(1000), desc="short"):  # ends within the delay: writes nothing
+    for _ in helpers.progress_bar(range(1000), desc="short"):  # ends within the delay: writes nothing
         pass
-    bar = helpers.progress(total=3, desc="fold 0")
+    bar = helpers.progress_bar(total=3, desc="fold 0")
     for step in range(3):
         bar.update(1)
         bar.set_postfix(loss=step)  # waits for the next line, which a short bar never writes
     bar.close()
-    helpers.log("fold 0 epoch 1: val_acc 0.5")
+    helpers.tqdm.write("fold 0 epoch 1: val_acc 0.5")
     assert capsys.readouterr().out == "fold 0 epoch 1: val_acc 0.5\n"
-    lines = io.StringIO()
-    bar = helpers.tqdm(total=4, file=helpers._Lines(lines), mininterval=0)
+    bar = helpers.progress_bar(total=4, desc="fold 0")  # a bar with lines, and tqdm.write between them (fit's epochs)
+    bar.delay = bar.mininterval = 0
+    bar.fp.file = lines = io.StringIO()
+    bar.update(2)
+    helpers.tqdm.write("fold 0 epoch 1: val_acc 0.5", file=lines)
     bar.update(2)
     bar.close()
-    assert "\r" not in lines.getvalue() and all(line.strip() for line in lines.getvalue().splitlines())
+    text = lines.getvalue().splitlines()
+    assert "\r" not in lines.getvalue() and text[1] == "fold 0 epoch 1: val_acc 0.5", text
+    assert text[0].startswith("fold 0:  50%") and text[2].startswith("fold 0: 100%"), text
