@@ -2,7 +2,7 @@
 
 This module is the engine behind `Kaggle_Qwen_VQA_AllInOne.ipynb`; its sections follow the notebook's order:
 
-    1. Setup          environment report, seeds, finding the data
+    1. Setup          packages on Kaggle/Colab, progress bars, environment report, seeds, finding the data
     2. Config         one dataclass, memory-level presets
     3. Data           loading and validating the competition files
     4. EDA            plots of answers, task types, question lengths, image sizes
@@ -14,7 +14,7 @@ This module is the engine behind `Kaggle_Qwen_VQA_AllInOne.ipynb`; its sections 
    10. Ensemble       majority vote, soft vote, validated submissions
 
 Attach it to a Kaggle notebook as a utility script (any name) or a dataset, or keep it next to the notebook: the
-setup cell finds it by the first sentence of this paragraph, wherever it is.
+setup cell finds it wherever it is by the words "engine behind `Kaggle_Qwen_VQA_AllInOne.ipynb`" above.
 """
 
 from __future__ import annotations
