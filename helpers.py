@@ -2,7 +2,7 @@
 
 This module is the engine behind `Kaggle_Qwen_VQA_AllInOne.ipynb`; its sections follow the notebook's order:
 
-    1. Setup          environment report, seeds, finding the data
+    1. Setup          packages on Kaggle/Colab, progress bars, environment report, seeds, finding the data
     2. Config         one dataclass, memory-level presets
     3. Data           loading and validating the competition files
     4. EDA            plots of answers, task types, question lengths, image sizes
@@ -13,7 +13,8 @@ This module is the engine behind `Kaggle_Qwen_VQA_AllInOne.ipynb`; its sections 
     9. Inference      one forward pass per batch scoring the letters a/b/c/d
    10. Ensemble       majority vote, soft vote, validated submissions
 
-Attach it to a Kaggle notebook as a utility script, or keep it next to the notebook.
+Attach it to a Kaggle notebook as a utility script (any name) or a dataset, or keep it next to the notebook: the
+setup cell finds it wherever it is by the words "engine behind `Kaggle_Qwen_VQA_AllInOne.ipynb`" above.
 """
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ import os
 import random
 import re
 import shutil
+import socket
+import subprocess
 import sys
 import time
 import types
 import unicodedata
+import urllib.parse
+import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,13 +51,174 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 LETTERS = ("a", "b", "c", "d")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. Setup
 # ---------------------------------------------------------------------------------------------------------------------
+
+# -- Packages on Kaggle and Colab --------------------------------------------------------------------------------------
+# Hosted notebooks ship older versions of these than the notebook needs. The setup cell installs them before anything
+# imports transformers (this module imports only torch, numpy, pandas, PIL and tqdm at the top). The bounds are
+# requirements.txt's: tests/test_setup.py checks that both say the same.
+HOSTED_PACKAGES = ("transformers>=5.21,<6", "peft>=0.21,<0.23", "accelerate>=1.10,<2", "bitsandbytes>=0.48,<0.51")
+
+
+def on_hosted_notebook() -> bool:
+    return os.path.exists("/kaggle") or "google.colab" in sys.modules
+
+
+def outdated_packages(requirements: tuple[str, ...] = HOSTED_PACKAGES) -> list[str]:
+    """The requirements that the installed versions do not meet, missing packages included."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    outdated = []
+    for line in requirements:
+        requirement = Requirement(line)
+        try:
+            met = requirement.specifier.contains(version(requirement.name), prereleases=True)
+        except PackageNotFoundError:
+            met = False
+        if not met:
+            outdated.append(line)
+    return outdated
+
+
+def index_reachable(timeout: float = 3.0) -> bool:
+    """Whether pip's package index answers: not on Kaggle with Internet off."""
+    url = urllib.parse.urlsplit(os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def find_wheels_dir(roots: tuple[str, ...] = ("/kaggle/input", "/content")) -> Path | None:
+    """An attached folder of wheels that holds transformers (kaggle/build_wheels.sh makes one), or None.
+    Searched a few levels deep only: a competition's inputs may hold many thousand images."""
+    for root in roots:
+        for depth in range(1, 5):
+            hits = sorted(glob.glob(f"{root}/{'*/' * depth}transformers-*.whl"))
+            if hits:
+                return Path(hits[0]).parent
+    return None
+
+
+def install_packages(
+    requirements: tuple[str, ...] = HOSTED_PACKAGES, wheel_roots: tuple[str, ...] = ("/kaggle/input", "/content")
+) -> str:
+    """Install the requirements the installed versions do not meet: from the package index when it answers, else
+    from an attached wheels folder (pip --no-index --find-links), for Kaggle with Internet off. Says what it did."""
+    outdated = outdated_packages(requirements)
+    if not outdated:
+        return "packages: " + ", ".join(requirements) + " already met"
+    if index_reachable():
+        source, where = [], "the package index"
+    else:
+        wheels = find_wheels_dir(wheel_roots)
+        if wheels is None:
+            raise RuntimeError(
+                f"no internet, and these need installing: {', '.join(outdated)}. Turn Internet on (Settings), or "
+                "attach the wheels dataset that kaggle/build_wheels.sh builds (README, Kaggle quick start)."
+            )
+        source, where = ["--no-index", "--find-links", str(wheels)], f"{wheels} (no internet)"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *source, *outdated], check=True)
+    return f"installed {', '.join(outdated)} from {where}"
+
+
+# -- Progress that reads well saved ------------------------------------------------------------------------------------
+# A notebook saves every redraw of a progress bar: a headless run (papermill, Kaggle's "Save Version") kept 2,600
+# output chunks of bars in the smoke run. So bars redraw live only where someone watches them (a terminal, an
+# interactive Kaggle or Colab session); elsewhere a bar writes a plain line now and then, and short ones none at all.
+
+
+def live_progress() -> bool:
+    """Whether progress bars may redraw in place: a terminal, or an interactive Kaggle or Colab session."""
+    run_type = os.environ.get("KAGGLE_KERNEL_RUN_TYPE")  # "Interactive" or "Batch" (a saved version)
+    if run_type:
+        return run_type == "Interactive"
+    return sys.stderr.isatty() or "google.colab" in sys.modules
+
+
+# The Hugging Face libraries' own bars (downloads, loading, saving) are off unless watched. Set at import, as
+# huggingface_hub reads it when it is imported (after this module).
+if not live_progress():
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class _Lines:
+    """A file for tqdm that writes each redraw as a line of its own and drops the blank ones that erase a bar:
+    in a saved notebook a carriage return does not overwrite the output before it."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.file.write(text + "\n")
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class _LogBar(tqdm):
+    """A bar for a log: set_postfix waits for the next line rather than writing one at every step."""
+
+    def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
+def progress_bar(iterable=None, total: int | None = None, **kwargs):
+    """tqdm live where it is watched; otherwise a line at most every 20th of the way and 30 s apart, none for a bar
+    that ends within 30 s."""
+    if live_progress():
+        from tqdm.auto import tqdm as live_tqdm  # here, not at the top: in a kernel without widgets it warns
+
+        return live_tqdm(iterable, total=total, **kwargs)
+    total = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else None
+    every = dict(mininterval=30, delay=30, miniters=max(1, (total or 0) // 20), dynamic_ncols=False, position=0)
+    every["maxinterval"] = math.inf  # else tqdm's monitor thread sets miniters to 1 after 10 s without a line
+    return _LogBar(iterable, total=total, file=_Lines(sys.stdout), **{**kwargs, **every})
+
+
+def compact_inline_figures(colors: int = 64) -> None:
+    """Show matplotlib figures in the notebook as PNGs of `colors` colours: a chart has few, so it looks the same in a
+    third of the bytes (the four EDA plots: 88 KB of the saved smoke notebook, 28 KB so). Outside IPython: nothing."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    import matplotlib.pyplot as plt
+
+    plt.switch_backend(plt.get_backend())  # load the inline backend now: loading registers its own PNG printer
+
+    def png(figure) -> bytes:
+        full, small = io.BytesIO(), io.BytesIO()
+        figure.savefig(full, format="png", bbox_inches="tight")
+        Image.open(full).convert("RGB").quantize(colors).save(small, format="png", optimize=True)
+        return small.getvalue()
+
+    shell.display_formatter.formatters["image/png"].for_type(plt.Figure, png)
+
+
+# -- Warnings that tell a user nothing ---------------------------------------------------------------------------------
+# peft reads the deprecated property when it wraps a model (PeftModel.__init__); nothing in this notebook uses it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# huggingface_hub imports tqdm.auto, which warns in a kernel without ipywidgets (papermill) and falls back to the plain
+# bars that are switched off there anyway.
+warnings.filterwarnings("ignore", message="IProgress not found")
+# The GradScaler skips the optimizer step whose fp16 gradients overflowed, and the schedule steps anyway, by design:
+# skipped steps are counted in result.json.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 
 
 def environment_report() -> pd.DataFrame:
@@ -303,6 +469,22 @@ class Config:
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(Path(path), json.dumps(dataclasses.asdict(self), indent=2))
 
+    def summary(self) -> str:
+        """What the run will do, in a few lines (every field is in config.json)."""
+        folds = "all" if self.train_folds is None else ", ".join(map(str, self.train_folds))
+        debias = f"letter prior from {self.debias_samples} test rows" if self.debias_samples else "no debiasing"
+        return "\n".join(
+            [
+                f"profile   {self.profile}: {self.model_id}, images up to {self.image_size} px",
+                f"LoRA      r {self.lora_r}, alpha {self.lora_alpha} on {', '.join(self.lora_targets)}",
+                f"training  {self.n_folds} folds (training {folds}), {self.epochs} epochs, lr {self.lr:g}, "
+                f"effective batch {self.effective_batch}" + (" (zero-shot: no training)" if self.zero_shot else ""),
+                f"inference {f'TTA x{self.tta_rotations}' if self.tta_rotations > 1 else 'no TTA'}, {debias}, "
+                + ("best variant out of fold" if self.select_variant else "fullest variant"),
+                f"data      {self.data_dir or 'found by itself'}; outputs in {self.output_dir}",
+            ]
+        )
+
 
 def resolve_profile(profile: str | None) -> str:
     """'auto' (or None) picks the smoke profile without a GPU and the safe memory level with one."""
@@ -407,7 +589,7 @@ def image_errors(paths: list[str], image_size: int, desc: str) -> list[str]:
             return f"{type(err).__name__}: {err}"
 
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        return list(tqdm(pool.map(error, paths), total=len(paths), desc=desc, unit="image"))
+        return list(progress_bar(pool.map(error, paths), total=len(paths), desc=desc, unit="image"))
 
 
 def resolve_image_paths(
@@ -1053,6 +1235,7 @@ def load_model_and_processor(cfg: Config):
     print(f"vision attention batched over images in {batch_vision_attention(model)} layers")
     model.requires_grad_(False)
     model.config.use_cache = False
+    model.config.get_text_config().use_cache = False  # the language model reads its own config
     # Non-reentrant checkpointing works with frozen inputs and LoRA without enable_input_require_grads hacks.
     # transformers 5.23 renamed gradient checkpointing "activation checkpointing"; 5.21 and 5.22 know only the old name.
     if hasattr(model, "activation_checkpointing_enable"):
@@ -2509,7 +2692,7 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config, budget: T
         torch.cuda.reset_peak_memory_stats()
     tracker = Tracker(cfg, fold)
     bad_in_a_row = 0
-    progress = tqdm(total=total_steps, initial=state.global_step, desc=f"fold {fold}", dynamic_ncols=True)
+    progress = progress_bar(total=total_steps, initial=state.global_step, desc=f"fold {fold}", dynamic_ncols=True)
     while state.epoch < cfg.epochs and not (state.stopped_early or state.stopped_for_time):
         epoch = state.epoch
         batches = length_grouped_batches(lengths, cfg.effective_batch, seed=cfg.seed * 1000 + epoch)
@@ -2832,7 +3015,7 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     dtype = compute_dtype(cfg.precision)
     autocast = autocast_context(device, dtype) if dtype == torch.float16 else contextlib.nullcontext
     started = now()
-    for batch in tqdm(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
+    for batch in progress_bar(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
         while True:
             try:
                 for chunk in split_batch(batch, micro):
@@ -3099,7 +3282,8 @@ def zero_shot_report(model, processor, folds: pd.DataFrame, cfg: Config, max_row
         [{"variant": v, "rows": len(rows), "accuracy": (p.argmax(1) == target).mean()} for v, p in variants.items()]
     )
     if prior is not None:
-        print("base model's letter prior:", dict(zip(LETTERS, prior.round(3), strict=True)))
+        shares = ", ".join(f"{letter} {share:.3f}" for letter, share in zip(LETTERS, prior, strict=True))
+        print(f"base model's letter prior: {shares}")
     return report.set_index("variant")
 
 

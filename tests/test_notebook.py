@@ -2,6 +2,9 @@
 
 import ast
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -60,7 +63,9 @@ def run_notebook(out_dir):
     papermill.execute_notebook(
         str(NOTEBOOK),
         str(out_dir / "run.ipynb"),
-        parameters={"PROFILE": "smoke", "OUTPUT_DIR": str(out_dir)},
+        # Both folders explicit: on a machine with /kaggle/input (Kaggle itself) the notebook would otherwise find the
+        # competition data attached there.
+        parameters={"PROFILE": "smoke", "DATA_DIR": str(ROOT / "data"), "OUTPUT_DIR": str(out_dir)},
         cwd=str(ROOT),
         progress_bar=False,
     )
@@ -71,7 +76,11 @@ def run_notebook(out_dir):
 def test_notebook_runs_end_to_end_and_twice_without_retraining(tmp_path, sample_data):
     """The README's main job. The second run resumes: no training, identical submissions."""
     _, test, sample = sample_data
-    run_notebook(tmp_path)
+    saved = run_notebook(tmp_path)
+    # The saved notebook is what people read on Kaggle: progress in a few lines, no warnings, under 100 KB.
+    assert (tmp_path / "run.ipynb").stat().st_size < 100_000
+    outputs = [o for c in saved.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o.text for o in outputs if o.get("name") == "stderr"]
     files = ["submission_ensemble.csv", "submission_soft.csv", "submission_single.csv"]
     first = {name: (tmp_path / name).read_text() for name in files}
     for name in files:
@@ -99,3 +108,33 @@ def test_notebook_runs_end_to_end_and_twice_without_retraining(tmp_path, sample_
     assert "fold 0: already trained, skipped" in log and "fold 1: already trained, skipped" in log
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("fold*/best_adapter/*")}
     assert first == {name: (tmp_path / name).read_text() for name in files}
+
+
+def setup_search(notebook, root: Path) -> str:
+    """The setup cell's search for helpers.py, up to its import, with /kaggle and /content moved under `root`."""
+    source = next(c.source for c in notebook.cells if c.cell_type == "code" and "PLACES" in c.source)
+    search = source[: source.index("if helpers.on_hosted_notebook()")]
+    return search.replace('"/kaggle/', f'"{root}/kaggle/').replace('"/content/', f'"{root}/content/')
+
+
+def test_setup_cell_finds_helpers_in_any_attached_input(notebook, tmp_path, monkeypatch, capsys):
+    """A Kaggle utility script of any name wins over an uploaded dataset's copy, and the cell says so."""
+    script = tmp_path / "kaggle" / "usr" / "lib" / "qwen_vqa_tools" / "qwen_vqa_tools.py"
+    upload = tmp_path / "kaggle" / "input" / "my-upload" / "helpers.py"
+    for path in (script, upload):
+        path.parent.mkdir(parents=True)
+        shutil.copy(ROOT / "helpers.py", path)
+    (tmp_path / "kaggle" / "working").mkdir()
+    monkeypatch.chdir(tmp_path / "kaggle" / "working")  # where Kaggle runs a notebook
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "helpers")  # the tests' own import must not answer for the cell's
+
+    namespace = {}
+    exec(setup_search(notebook, tmp_path), namespace)
+    assert capsys.readouterr().out == f"imported {script} (also found, not used: {upload})\n"
+    assert namespace["helpers"].__file__ == str(script)
+
+    script.unlink()
+    exec(setup_search(notebook, tmp_path), namespace)
+    assert capsys.readouterr().out == f"imported {upload}\n"
+    assert namespace["helpers"].__file__ == str(upload)
