@@ -187,9 +187,12 @@ def progress_bar(iterable=None, total: int | None = None, **kwargs):
     return _LogBar(iterable, total=total, file=_Lines(sys.stdout), **{**kwargs, **every})
 
 
-def compact_inline_figures(colors: int = 64) -> None:
-    """Show matplotlib figures in the notebook as PNGs of `colors` colours: a chart has few, so it looks the same in a
-    third of the bytes (the four EDA plots: 88 KB of the saved smoke notebook, 28 KB so). Outside IPython: nothing."""
+def compact_inline_figures(colors: int = 16, dpi: int = 72) -> None:
+    """Show matplotlib figures in the notebook as PNGs of `colors` colours at `dpi` (Jupyter's classic 72; the files
+    under outputs/ keep 100): a chart has few colours, so it looks the same in a fraction of the bytes (the four EDA
+    plots: 88 KB of the saved smoke notebook at 100 dpi in full colour, 28 KB in 64 colours, 15 KB at 72 dpi in 32),
+    and the saved smoke notebook stays under 100 KB with the training, error and agreement plots. Outside IPython:
+    nothing."""
     try:
         from IPython import get_ipython
     except ImportError:
@@ -203,7 +206,7 @@ def compact_inline_figures(colors: int = 64) -> None:
 
     def png(figure) -> bytes:
         full, small = io.BytesIO(), io.BytesIO()
-        figure.savefig(full, format="png", bbox_inches="tight")
+        figure.savefig(full, format="png", bbox_inches="tight", dpi=dpi)
         Image.open(full).convert("RGB").quantize(colors).save(small, format="png", optimize=True)
         return small.getvalue()
 
@@ -880,8 +883,13 @@ INSTRUCTION = "Answer with one lowercase letter: a, b, c or d."
 # Qwen3.5's chat template opens a thinking block after the assistant header unless told otherwise ("<think>\n"; with
 # enable_thinking=False an empty "<think>\n\n</think>\n\n"), and writes a trained answer after that empty block. The
 # letter is scored, and trained, right where the answer starts, with thinking off. Templates without the switch
-# (Qwen2.5-VL, Qwen3-VL) ignore it.
+# (Qwen2.5-VL, Qwen3-VL) are not given it: transformers warns on every call about a keyword its template lacks.
 CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
+
+
+def chat_template_kwargs(processor) -> dict:
+    """CHAT_TEMPLATE_KWARGS that the processor's chat template reads."""
+    return {key: value for key, value in CHAT_TEMPLATE_KWARGS.items() if key in str(processor.chat_template)}
 
 
 def normalize_text(text: str) -> str:
@@ -1012,11 +1020,12 @@ class VQACollator:
         tokenizer = processor.tokenizer
         self.im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.header_ids = tokenizer.encode(answer_header(processor), add_special_tokens=False)
+        self.template_kwargs = chat_template_kwargs(processor)
 
     def __call__(self, items: list[dict]) -> dict:
         texts = [
             self.processor.apply_chat_template(
-                it["messages"], tokenize=False, add_generation_prompt=not self.train, **CHAT_TEMPLATE_KWARGS
+                it["messages"], tokenize=False, add_generation_prompt=not self.train, **self.template_kwargs
             )
             for it in items
         ]
@@ -1034,7 +1043,8 @@ def answer_header(processor) -> str:
     """What the chat template writes before the answer: "<|im_start|>assistant\\n", for Qwen3.5 followed by the empty
     thinking block. Read off the template's own generation prompt, so training labels start where inference scores."""
     probe = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
-    prompt = processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True, **CHAT_TEMPLATE_KWARGS)
+    kwargs = chat_template_kwargs(processor)
+    prompt = processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True, **kwargs)
     return prompt[prompt.rindex("<|im_start|>") :]
 
 
@@ -2946,31 +2956,28 @@ def use_parallel_folds(cfg: Config, model) -> bool:
 
 
 def plot_training_curves(cfg: Config) -> object:
-    """Every trained fold on one figure: training loss per optimizer step (a rolling mean over about 5% of the steps
-    over the raw values), validation accuracy and loss per epoch. Saved as plots/training_curves.png."""
+    """Every trained fold on one figure: training loss per optimizer step (a rolling mean over 5% of the steps: the
+    raw values are noise at this scale) and validation accuracy per epoch (the epoch lines print its loss too). Saved
+    as plots/training_curves.png."""
     import matplotlib.pyplot as plt
 
     results = [fold_result(cfg, fold) for fold in cfg.folds_to_train if fold_is_trained(cfg, fold)]
-    fig, (loss_ax, acc_ax, val_loss_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 2.8))
     for result in results:
         losses = pd.Series(result.get("losses", []), dtype=float)
-        color = loss_ax.plot(losses.index + 1, losses, alpha=0.25, linewidth=0.8)[0].get_color()
         smooth = losses.rolling(max(1, len(losses) // 20), min_periods=1).mean()
         label = f"fold {result['fold']}"
-        loss_ax.plot(losses.index + 1, smooth, color=color, label=label)
+        color = loss_ax.plot(losses.index + 1, smooth, label=label)[0].get_color()
         history = pd.DataFrame(result["history"])
         acc_ax.plot(history["epoch"], history["val_acc"], marker="o", color=color, label=label)
-        val_loss_ax.plot(history["epoch"], history["val_loss"], marker="o", color=color, label=label)
     loss_ax.set(title="Training loss per optimizer step", xlabel="optimizer step", ylabel="answer-token loss")
     acc_ax.set(title="Validation accuracy (chance 0.25)", xlabel="epoch", ylabel="accuracy")
     acc_ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
-    val_loss_ax.set(title="Validation loss of the answer letter", xlabel="epoch", ylabel="nats")
-    for ax in (loss_ax, acc_ax, val_loss_ax):
+    acc_ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         if results:
             ax.legend(fontsize=8)
-    for ax in (acc_ax, val_loss_ax):
-        ax.xaxis.get_major_locator().set_params(integer=True)
     return save_figure(fig, cfg.out / "plots" / "training_curves.png")
 
 
@@ -3287,10 +3294,10 @@ def zero_shot_report(model, processor, folds: pd.DataFrame, cfg: Config, max_row
     return report.set_index("variant")
 
 
-def plot_oof_errors(predictions: dict, folds: pd.DataFrame, out_dir: Path) -> dict:
-    """Where the out-of-fold answers go wrong, as pictures (each row scored by the one member that never trained on
-    it): the confusion matrix of the chosen variant, and the accuracy of every variant per answer letter and per task
-    type (when the data has one). Saved as confusion_matrix.png and accuracy_by_group.png in out_dir."""
+def plot_oof_errors(predictions: dict, folds: pd.DataFrame, out_dir: Path):
+    """Where the out-of-fold answers go wrong (each row scored by the one member that never trained on it): the
+    confusion matrix of the chosen variant, and every variant's accuracy per task type (per answer letter when the
+    data has no task type). Saved as oof_errors.png in out_dir."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -3302,32 +3309,26 @@ def plot_oof_errors(predictions: dict, folds: pd.DataFrame, out_dir: Path) -> di
         pd.Categorical(np.array(LETTERS)[chosen], categories=LETTERS),
         dropna=False,
     )
-    fig, ax = plt.subplots(figsize=(4.8, 4))
-    sns.heatmap(confusion, annot=True, fmt="d", cmap="Blues", cbar=False, ax=ax)
+    fig, (matrix_ax, bars_ax) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [2, 3]})
+    sns.heatmap(confusion, annot=True, fmt="d", cmap="Blues", cbar=False, ax=matrix_ax)
     variant = next(iter(predictions.values())).get("variant", "")
-    ax.set(title=f"Out-of-fold answers ({variant})", xlabel="predicted", ylabel="true")
-    figures = {"confusion_matrix": save_figure(fig, out_dir / "confusion_matrix.png")}
+    matrix_ax.set(title=f"Out-of-fold answers ({variant})", xlabel="predicted", ylabel="true")
+    matrix_ax.tick_params(axis="y", rotation=0)
 
     correct = {}
     for name, pred in predictions.items():
         answers = answer_index(val_rows(name, folds)["answer"])
         for variant_name, probs in variant_probs(pred["oof_scores"], pred["orders"], pred["prior"]).items():
             correct.setdefault(variant_name, []).append(probs.argmax(1) == answers)
+    group = "task_type" if "task_type" in rows else "answer"
     table = pd.DataFrame({v: np.concatenate(c) for v, c in correct.items()})
-    table["answer letter"] = rows["answer"].to_numpy()
-    groups = ["answer letter"] + (["task_type"] if "task_type" in rows else [])
-    if "task_type" in rows:
-        table["task_type"] = rows["task_type"].astype(str).to_numpy()
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups) + 1.5, 3.8), squeeze=False)
-    for ax, group in zip(axes[0], groups, strict=True):
-        accuracy = table.groupby(group)[list(correct)].mean().reset_index().melt(group, var_name="variant")
-        sns.barplot(data=accuracy, x="value", y=group, hue="variant", orient="h", ax=ax)
-        ax.axvline(0.25, color="grey", linestyle=":", linewidth=1)
-        ax.set(title=f"Out-of-fold accuracy by {group}", xlabel="accuracy", ylabel="", xlim=(0, 1))
-        ax.get_legend().remove()
-    axes[0, -1].legend(*axes[0, 0].get_legend_handles_labels(), title="variant", fontsize=8, bbox_to_anchor=(1, 1))
-    figures["accuracy_by_group"] = save_figure(fig, out_dir / "accuracy_by_group.png")
-    return figures
+    table[group] = rows[group].astype(str).to_numpy()
+    accuracy = table.groupby(group)[list(correct)].mean().reset_index().melt(group, var_name="variant")
+    sns.barplot(data=accuracy, x="value", y=group, hue="variant", orient="h", ax=bars_ax)
+    bars_ax.axvline(0.25, color="grey", linestyle=":", linewidth=1)
+    bars_ax.set(title=f"Out-of-fold accuracy by {group}", xlabel="accuracy", ylabel="", xlim=(0, 1))
+    bars_ax.legend(title="variant", fontsize=8, bbox_to_anchor=(1, 1))
+    return save_figure(fig, out_dir / "oof_errors.png")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -3382,22 +3383,16 @@ def ensemble_report(predictions: dict) -> pd.DataFrame:
 
 
 def plot_member_agreement(predictions: dict, out_dir: Path):
-    """How often the members (folds) and the ensembles pick the same test answer, pairwise, and on how many test rows
-    the members split. Saved as member_agreement.png in out_dir."""
+    """On how many test rows the members (folds) split: how many of them give the majority answer (the ensembles'
+    agreement with each other is ensemble_report's table). Saved as member_agreement.png in out_dir."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    choices = {name: pred["test"].argmax(1) for name, pred in predictions.items()} | ensemble_votes(predictions)
-    agreement = pd.DataFrame({a: {b: (ca == cb).mean() for b, cb in choices.items()} for a, ca in choices.items()})
     members = np.stack([pred["test"].argmax(1) for pred in predictions.values()])  # [members, rows]
     majority_size = np.stack([(members == letter).sum(0) for letter in range(4)]).max(0)
-    fig, (heat_ax, bar_ax) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-    sns.heatmap(agreement, annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1, cbar=False, ax=heat_ax)
-    heat_ax.set(title="Test answers in common (fraction of rows)")
-    heat_ax.tick_params(axis="y", rotation=0)
     counts = pd.Series(majority_size).value_counts().reindex(range(1, len(members) + 1), fill_value=0)
-    bar_ax.bar(counts.index.astype(str), counts.to_numpy() / max(members.shape[1], 1))
-    bar_ax.set(
+    fig, ax = plt.subplots(figsize=(4.5, 2.8))
+    ax.bar(counts.index.astype(str), counts.to_numpy() / max(members.shape[1], 1))
+    ax.set(
         title="Members behind the majority answer",
         xlabel=f"members agreeing (of {len(members)})",
         ylabel="fraction of test rows",

@@ -51,7 +51,7 @@ def test_training_text_is_the_inference_prompt_then_the_answer(arch, tiny_model_
             helpers.build_messages(row, answer=answer),
             tokenize=False,
             add_generation_prompt=answer is None,
-            **helpers.CHAT_TEMPLATE_KWARGS,
+            **helpers.chat_template_kwargs(processor),
         )
         for answer in (row["answer"], None)
     )
