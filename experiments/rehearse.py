@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -98,6 +99,38 @@ def run_notebook(overrides: dict) -> list[dict]:
     return timings
 
 
+def anon_rss_gib(pid: int | str = "self") -> float:
+    """Resident anonymous memory (RssAnon): what the process holds itself. ru_maxrss also counts file pages, such as
+    the safetensors checkpoint that loading maps into memory, which the kernel can drop under pressure."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+class AnonMemoryPeak(threading.Thread):
+    """The peak RssAnon of this process and, summed, of its children (folds side by side), sampled twice a second."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_self = self.peak_children = 0.0
+
+    def run(self):
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            self.peak_self = max(self.peak_self, anon_rss_gib())
+            children = 0.0
+            for child in me.children(recursive=True):
+                try:
+                    children += anon_rss_gib(child.pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    pass  # ended between listing and reading
+            self.peak_children = max(self.peak_children, children)
+            time.sleep(0.5)
+
+
 def adapters_finite(output_dir: Path) -> bool:
     files = sorted(output_dir.glob("fold*/best_adapter/*.safetensors"))
     return bool(files) and all(torch.isfinite(t).all() for f in files for t in load_file(f).values())
@@ -157,6 +190,8 @@ def main() -> None:
         "prepare_s": round(prepare_s, 1),
     }
     common.log(f"rehearsal {name}: data {data_dir}, model {model_id}")
+    anon_peak = AnonMemoryPeak()
+    anon_peak.start()
     try:
         entry["sections"] = run_notebook(overrides)
     except Exception as error:  # recorded, then raised: a failed rehearsal is a result too
@@ -171,6 +206,10 @@ def main() -> None:
         entry["host_peak_rss_gib"] = {
             "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "largest_child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+        }
+        entry["host_peak_anon_gib"] = {
+            "self": round(anon_peak.peak_self, 2),
+            "children_together": round(anon_peak.peak_children, 2),
         }
         submission = output_dir / "submission_ensemble.csv"
         if submission.exists():

@@ -2,7 +2,7 @@
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
 #   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe)
-#   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more
+#   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
 # "$OUT/" (the folder whose files come back from the GPU machine). The benchmarks write their JSON after every model,
 # so one cut short by its timeout still leaves what it measured.
@@ -78,6 +78,8 @@ rehearse rehearse-8b 300 --model 8b --level safe --precision fp16 --parallel on
 rehearse rehearse-2b 240 --model 2b --level safe --precision bf16 --parallel off --train-rows 1024 --seed 0
 rehearse rehearse-30b 540 --model 30b --level safe --precision fp16
 rehearse rehearse-more 300 --model 8b --level high --precision bf16 --parallel on
+# One GPU (when no two are lent): the largest level in the T4's precision, 4 TTA rotations
+rehearse rehearse-high 480 --model 8b --level high --precision fp16 --parallel off
 
 run infer 240 experiments/bench_infer.py --rows 512 --original-rows 64 --batch-sizes 16,32 --repeats 2
 run profile 240 experiments/profile_infer.py --models 8b --rows 512
