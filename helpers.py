@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import functools
 import gc
 import glob
 import hashlib
@@ -368,6 +369,8 @@ class Config:
     precision: str = "auto"  # "auto": bf16 where the GPU has it, fp16 on a T4, fp32 on CPU; or "bf16" | "fp16" | "fp32"
     gpu_memory_cap_gib: float | None = None  # use at most this much of each GPU (e.g. 14.5 to rehearse a T4 on a
     # larger GPU); None: the whole GPU
+    fp32_islands: bool = True  # in fp16, the layers that overflow there (Qwen3.5's DeltaNet) compute in fp32; False
+    # only to measure what they cost (experiments/bench_qwen35_fp16.py)
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -1162,6 +1165,7 @@ class ModelFamily:
     model_class: str  # transformers' image-text-to-text class, as saved in a checkpoint's config.json
     vision_attention: str  # the vision tower's attention module class, batched by batch_vision_attention
     expert_tensors: tuple[str, ...] = ()  # fused 3-D expert parameters, stored in NF4 by the MoE loader
+    fp32_modules: tuple[str, ...] = ()  # modules that overflow in fp16: run in fp32 when the model computes in fp16
 
 
 MODEL_FAMILIES = {  # by config.json's model_type
@@ -1174,11 +1178,14 @@ MODEL_FAMILIES = {  # by config.json's model_type
     ),
     # Qwen3.5 and Qwen3.6: a hybrid language model (three Gated DeltaNet layers, linear_attn, to each full-attention
     # layer, self_attn) under Qwen3-VL's vision tower without deepstack; its vision attention is Qwen3-VL's.
-    "qwen3_5": ModelFamily("Qwen3_5ForConditionalGeneration", "Qwen3_5VisionAttention"),
+    # The Gated DeltaNet (linear_attn) computes its recurrence in fp32 by casting, but under autocast the matmuls inside
+    # are cast back to fp16, where its decays and gates overflow (the checkpoints' mamba_ssm_dtype is float32).
+    "qwen3_5": ModelFamily("Qwen3_5ForConditionalGeneration", "Qwen3_5VisionAttention", fp32_modules=("linear_attn",)),
     "qwen3_5_moe": ModelFamily(
         "Qwen3_5MoeForConditionalGeneration",
         "Qwen3_5MoeVisionAttention",
         expert_tensors=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+        fp32_modules=("linear_attn",),
     ),
 }
 
@@ -1243,6 +1250,8 @@ def load_model_and_processor(cfg: Config):
         kwargs["device_map"] = plan_device_map(model_path, kwargs.get("quantization_config"), dtype, budget)
     model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
     print(f"vision attention batched over images in {batch_vision_attention(model)} layers")
+    if dtype == torch.float16 and cfg.fp32_islands and family.fp32_modules:
+        print(f"{compute_in_fp32(model, family.fp32_modules)} {'/'.join(family.fp32_modules)} modules compute in fp32")
     model.requires_grad_(False)
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False  # the language model reads its own config
@@ -1253,6 +1262,25 @@ def load_model_and_processor(cfg: Config):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
+
+
+def compute_in_fp32(model, names: tuple[str, ...]) -> int:
+    """Run every module called one of `names` in fp32 with autocast off, its output cast back to the input's dtype, so
+    that an fp16 model keeps an fp16 residual stream around these fp32 islands. 4-bit layers inside still multiply in
+    their compute dtype (bitsandbytes casts their input) and return fp32. Returns how many modules were wrapped."""
+    modules = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in names]
+    for module in modules:
+        module.forward = _fp32_forward(module.forward)
+    return len(modules)
+
+
+def _fp32_forward(forward):
+    @functools.wraps(forward)
+    def fp32_forward(hidden_states, *args, **kwargs):
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return forward(hidden_states.float(), *args, **kwargs).to(hidden_states.dtype)
+
+    return fp32_forward
 
 
 # -- Where the weights go ----------------------------------------------------------------------------------------------

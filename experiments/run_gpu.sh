@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35)
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
 # "$OUT/" (the folder whose files come back from the GPU machine). The benchmarks write their JSON after every model,
@@ -44,7 +44,7 @@ run() {
         return
     fi
     echo "== $name: $script (timeout ${limit} s, $((SECONDS - started)) s elapsed)"
-    timeout -k 10 "$limit" python3 "$script" --out "experiments/results/$name.json" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout -k 10 "$limit" python3 "$script" --out "experiments/results/${name%%-*}.json" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     if [[ -f experiments/results/$name.json ]]; then
         cp "experiments/results/$name.json" "$OUT/"
@@ -85,6 +85,8 @@ run infer 240 experiments/bench_infer.py --rows 512 --original-rows 64 --batch-s
 run profile 240 experiments/profile_infer.py --models 8b --rows 512
 run train 300 experiments/bench_train.py
 run moe 200 experiments/bench_moe.py
+run qwen35 560 experiments/bench_qwen35_fp16.py --models 4b,9b --steps 200
+run qwen35-off 330 experiments/bench_qwen35_fp16.py --models 4b --steps 200 --islands off
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"

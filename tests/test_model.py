@@ -167,3 +167,34 @@ def test_an_unsupported_model_stops_before_loading(tiny_model_dirs, tmp_path):
     cfg = helpers.Config(profile="smoke", model_id=str(tmp_path / "model"), output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="model_type 'llava' is not supported; supported: .*qwen3_vl"):
         helpers.load_model_and_processor(cfg)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_deltanet_computes_in_fp32_inside_an_fp16_model(arch, tiny_model_dirs, tmp_path):
+    """Under fp16 autocast the DeltaNet's own fp32 casts are undone (its matmuls go back to fp16); wrapped by
+    compute_in_fp32 it runs with autocast off and in fp32, equal to an fp32 forward, and hands fp16 back."""
+    model, _ = helpers.load_model_and_processor(cfg_for(arch, tiny_model_dirs, tmp_path))
+    deltanets = [m for name, m in model.named_modules() if name.endswith("linear_attn")]
+    deltanet = deltanets[0]
+    seen = []
+    deltanet.norm.register_forward_pre_hook(
+        lambda _, args: seen.append((torch.is_autocast_enabled("cpu"), args[0].dtype))
+    )
+    x = (torch.randn(2, 12, model.config.text_config.hidden_size) * 4).half()
+    with torch.no_grad():
+        reference = deltanet(x.float())
+        with torch.autocast("cpu", dtype=torch.float16):
+            plain = deltanet(x)
+        assert seen[-1] == (True, torch.float16)  # what an fp16 model does without the island
+
+        assert (
+            helpers.compute_in_fp32(model, ("linear_attn",))
+            == len(deltanets)
+            == 3 * model.config.text_config.num_hidden_layers // 4
+        )
+        with torch.autocast("cpu", dtype=torch.float16):
+            island = deltanet(x)
+    assert seen[-1] == (False, torch.float32)
+    assert island.dtype == plain.dtype == torch.float16
+    assert torch.allclose(island.float(), reference, atol=1e-3, rtol=1e-3)
+    assert (island.float() - reference).abs().max() < (plain.float() - reference).abs().max()

@@ -1,0 +1,176 @@
+"""Qwen3.5 in fp16, as a T4 trains it: does the hybrid model train for hundreds of steps under a GradScaler, with the
+Gated DeltaNet layers as fp32 islands (Config.fp32_islands, the default) and without them?
+
+    python3 experiments/bench_qwen35_fp16.py --out experiments/results/qwen35.json --models 4b,9b --steps 200
+    python3 experiments/bench_qwen35_fp16.py --out /tmp/q.json --tiny    # the same code path on a CPU (fp32)
+
+For each model, one random checkpoint at the real sizes (weights cannot be downloaded here), loaded through
+helpers.load_model_and_processor in 4 bits with precision="fp16", each GPU capped at 14.5 GiB like a T4; then for
+fp32_islands in (True, False), a fresh LoRA adapter trained by helpers.fit for `--steps` optimizer steps at the `safe`
+level's image size and rank (micro-batch 4, no accumulation, so that 200 steps fit a 10-minute call), validated on 64
+rows. Recorded per run: optimizer steps, steps skipped (GradScaler overflow or a non-finite gradient norm), the losses,
+the seconds per step and the peak GPU memory. Random weights overflow differently from trained ones (no outlier
+features): a run that stays finite here shows the mechanism is sound, not that a real checkpoint never overflows.
+
+Sizes (public config.json of Qwen/Qwen3.5-4B and -9B; the vision tower as Qwen3-VL-4B's / -8B's): hidden 2560 / 4096,
+MLP 9216 / 12288, 32 layers (24 Gated DeltaNet, 8 full attention), 16 query / 4 key-value heads of 256, DeltaNet 16 key
+/ 32 value heads of 128, vocabulary 248,320, embeddings tied for 4B only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import common
+import pandas as pd
+import torch
+from common import helpers
+
+SIZES = {
+    "4b": dict(
+        text=dict(hidden_size=2560, intermediate_size=9216),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096),
+        tie=True,
+    ),
+    "9b": dict(
+        text=dict(hidden_size=4096, intermediate_size=12288),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304),
+        tie=False,
+    ),
+    "tiny": dict(text=dict(hidden_size=128, intermediate_size=256), vision=dict(), tie=False),
+}
+SHARED_TEXT = dict(
+    vocab_size=248320,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=256,
+    linear_num_key_heads=16,
+    linear_num_value_heads=32,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_conv_kernel_dim=4,
+    layer_types=["linear_attention"] * 3 + ["full_attention"],
+    max_position_embeddings=262144,
+)
+SHARED_VISION = dict(num_heads=16, num_position_embeddings=2304)
+TABLE = ("optimizer_steps", "skipped_steps", "nonfinite_steps", "loss_first_10", "loss_last_10", "seconds_per_step")
+
+
+def random_checkpoint(name: str, workdir: Path) -> Path:
+    """A Qwen3.5 folder with random weights at `name`'s sizes and the tiny Qwen3.5 processor (its ids all fit)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    out = workdir / f"qwen3.5-{name}-random"
+    if (out / "done").exists():
+        return out
+    template = helpers.build_tiny_model(workdir / "tiny-qwen3_5", "qwen3_5")
+    d = AutoConfig.from_pretrained(template).to_dict()
+    spec = SIZES[name]
+    if name != "tiny":
+        text = dict(SHARED_TEXT, **spec["text"])
+        text["layer_types"] = SHARED_TEXT["layer_types"] * (text["num_hidden_layers"] // 4)
+        d["text_config"].update(text, tie_word_embeddings=spec["tie"])
+        d["text_config"]["rope_parameters"]["mrope_section"] = [11, 11, 10]  # sums to 256 * 0.25 / 2
+        d["vision_config"].update(SHARED_VISION, **spec["vision"], out_hidden_size=text["hidden_size"])
+        d["tie_word_embeddings"] = spec["tie"]
+    config = type(AutoConfig.from_pretrained(template)).from_dict(d)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=helpers.compute_dtype())
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(template).save_pretrained(out)
+    del model
+    helpers.release_memory()
+    (out / "done").touch()
+    common.log(f"{name}: {params / 1e9:.2f}B parameters, built in {time.perf_counter() - start:.0f} s")
+    return out
+
+
+def folds_for(rows: pd.DataFrame, val_rows: int) -> pd.DataFrame:
+    """Fold 0 (validation) holds the first `val_rows` rows, fold 1 the rest: one fold trained on the rest."""
+    return rows.assign(fold=[0 if i < val_rows else 1 for i in range(len(rows))])
+
+
+def train_run(path: Path, folds: pd.DataFrame, islands: bool, args, workdir: Path) -> dict:
+    tiny = args.tiny
+    out = workdir / f"out-{path.name}-islands-{islands}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = helpers.Config(
+        profile="smoke" if tiny else "safe",
+        model_id=str(path),
+        output_dir=str(out),
+        precision="fp32" if tiny else "fp16",
+        fp32_islands=islands,
+        gpu_memory_cap_gib=None if tiny else common.T4_CAP_GIB,
+        batch_size=args.micro_batch,
+        grad_accum=1,
+        auto_micro_batch=False,
+        epochs=1,
+        n_folds=2,
+        early_stopping_patience=0,
+        report_to=None,
+    )
+    common.reset_peak()
+    model, processor = helpers.load_model_and_processor(cfg)
+    peft_model = helpers.attach_lora(model, cfg)
+    start = time.perf_counter()
+    result = helpers.fit(peft_model, processor, folds, 0, cfg)
+    seconds = time.perf_counter() - start
+    losses = result["losses"]
+    finite = [x for x in losses if x == x and abs(x) != float("inf")]
+    entry = {
+        "fp32_islands": islands,
+        "optimizer_steps": result["optimizer_steps"],
+        "skipped_steps": result["skipped_steps"],
+        "nonfinite_steps": len(result["nonfinite_steps"]),
+        "nonfinite_records": result["nonfinite_steps"][:5],
+        "finite_losses": f"{len(finite)}/{len(losses)}",
+        "loss_first_10": sum(finite[:10]) / max(1, len(finite[:10])),
+        "loss_last_10": sum(finite[-10:]) / max(1, len(finite[-10:])),
+        "best_val_acc": result["best_val_acc"],
+        "seconds_per_step": seconds / max(1, result["optimizer_steps"]),
+        "peak_gib": common.peak_gib(),
+        "adapter_finite": all(torch.isfinite(p).all().item() for p in peft_model.parameters() if p.requires_grad),
+    }
+    common.log(f"{path.name} islands={islands}: {entry}")
+    del peft_model, model
+    helpers.release_memory()
+    return entry
+
+
+def main() -> None:
+    parser = common.base_parser(__doc__.split("\n")[0])
+    parser.set_defaults(models="4b,9b")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
+    parser.add_argument("--micro-batch", type=int, default=4, help="rows per optimizer step (no accumulation)")
+    parser.add_argument("--val-rows", type=int, default=64)
+    parser.add_argument("--islands", choices=("both", "on", "off"), default="both", help="which runs to make")
+    args = parser.parse_args()
+    names = ["tiny"] if args.tiny else [m.strip() for m in args.models.split(",")]
+    if args.tiny:
+        args.steps, args.val_rows = min(args.steps, 3), min(args.val_rows, 8)
+    workdir = Path(args.workdir)
+    rows = common.synthetic_rows(args.steps * args.micro_batch + args.val_rows, workdir)
+    rows["id"] = [f"ROW_{i:05d}" for i in range(len(rows))]
+    folds = folds_for(rows, args.val_rows)
+    islands = {"both": (True, False), "on": (True,), "off": (False,)}[args.islands]
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}  # runs of earlier calls are kept
+    for name in names:
+        path = random_checkpoint(name, workdir)
+        for on in islands:
+            run = train_run(path, folds, on, args, workdir)
+            results[f"{name} fp32_islands={on}"] = {"environment": common.environment(), "args": vars(args), **run}
+            common.write_json(out, results)  # after every run: a call cut short keeps what it measured
+    common.print_table([{"run": k, **{c: v for c, v in r.items() if c in TABLE}} for k, r in results.items()])
+
+
+if __name__ == "__main__":
+    main()
