@@ -122,7 +122,7 @@ def run_project(args, df, result: dict, save) -> None:
     }
     train_df = df.head(EFFECTIVE_BATCH * (1 + args.steps))  # the rows the peers train on
     batches = helpers.length_grouped_batches(helpers.prompt_lengths(train_df), EFFECTIVE_BATCH, seed=0)
-    info = {"decoder_params": args.decoder_params}
+    info = {"decoder_params": None}  # for MFU, which needs the GPU's peak TFLOP/s: left out here (tflops None)
     common.log(f"project {args.precision}: training, largest micro-batch that fits, {args.steps} timed step(s)")
     result["train"] = bench_train.project_way_auto(model, processor, cfg, train_df, batches, args.steps, info, None)
     save()
@@ -294,7 +294,6 @@ def run_trl(args, df, result: dict, save) -> None:
     result["settings"] = {
         "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout, "targets": cfg.lora_targets},
         "image_size": args.image_size,
-        "optimizer": "adamw_8bit (bitsandbytes)",
         "loss": "completion only (prompt-completion dataset)",
         "vision_attention": "transformers' own (one SDPA call per image)",
     }
@@ -307,6 +306,7 @@ def run_trl(args, df, result: dict, save) -> None:
         peft_config=lora,
         callbacks=[timer],
     )
+    result["settings"]["optimizer"] = str(trainer.args.optim)
     common.log(f"trl {args.precision}: training at micro-batch {micro_batch}, {args.steps} timed step(s)")
     result["train"] = train_with_trainer(trainer, timer, micro_batch)
     save()
@@ -351,7 +351,6 @@ def run_unsloth(args, df, result: dict, save) -> None:
     result["settings"] = {
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0, "targets": "language attention (q/k/v/o)"},
         "image_size": args.image_size,
-        "optimizer": "adamw_8bit (bitsandbytes)",
         "loss": "responses only (UnslothVisionDataCollator train_on_responses_only)",
         "gradient_checkpointing": "unsloth",
     }
@@ -379,6 +378,7 @@ def run_unsloth(args, df, result: dict, save) -> None:
     trainer = SFTTrainer(
         model=model, tokenizer=processor, data_collator=collator, train_dataset=dataset, args=config, callbacks=[timer]
     )
+    result["settings"]["optimizer"] = str(trainer.args.optim)
     common.log(f"unsloth {args.precision}: training at micro-batch {micro_batch}, {args.steps} timed step(s)")
     result["train"] = train_with_trainer(trainer, timer, micro_batch)
     save()
@@ -414,22 +414,22 @@ def worker(args) -> None:
 # -- The parent: one process per tool and precision ------------------------------------------------------------------
 
 
-def worker_command(args, tool: str, precision: str, micro_batch: int, out: Path, checkpoint: Path, info) -> list:
+def worker_command(args, tool: str, precision: str, micro_batch: int, out: Path, checkpoint: Path) -> list:
     shared = ["--model", args.model, "--workdir", args.workdir, "--rows", args.rows, "--steps", args.steps]
     shared += ["--image-size", args.image_size, "--cap", args.cap, "--score-rows", args.score_rows]
     shared += ["--generate-rows", args.generate_rows, "--micro-batches", ",".join(map(str, args.micro_batches))]
     own = ["--worker", tool, "--precision", precision, "--micro-batch", micro_batch, "--out", out]
-    own += ["--checkpoint", checkpoint, "--decoder-params", info["decoder_params"]]
+    own += ["--checkpoint", checkpoint]
     return [sys.executable, __file__, *map(str, shared + own)]
 
 
-def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Path, info: dict) -> dict:
+def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Path) -> dict:
     if tool == "unsloth" and importlib.util.find_spec("unsloth") is None:
         return {"status": f"not run: unsloth is not installed here; {UNSLOTH_NOT_CARRIED}"}
     result = Path(args.workdir) / "peers" / f"{tool}-{precision}-mb{micro_batch}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
-    command = worker_command(args, tool, precision, micro_batch, result, checkpoint, info)
+    command = worker_command(args, tool, precision, micro_batch, result, checkpoint)
     common.log(
         f"== {tool} {precision} (micro-batch {micro_batch}): a process of its own, timeout {args.worker_timeout} s"
     )
@@ -530,7 +530,7 @@ def parent(args) -> None:
             micro_batches = [0] if tool == "project" else args.micro_batches  # 0: the project finds its own
             for micro_batch in micro_batches:
                 name = tool if tool == "project" else f"{tool} mb{micro_batch}"
-                runs[name] = run_worker(args, tool, precision, micro_batch, checkpoint, info)
+                runs[name] = run_worker(args, tool, precision, micro_batch, checkpoint)
                 common.log(f"{name} {precision}: {runs[name]['status']}")
                 results["ratios"][precision] = ratios(runs)
                 save()
@@ -555,13 +555,12 @@ def main() -> None:
     parser.add_argument("--micro-batches", default="2", help="the peers' micro-batches (their notebooks': 2)")
     parser.add_argument("--score-rows", type=int, default=256, help="rows the project scores (letter_log_probs)")
     parser.add_argument("--generate-rows", type=int, default=32, help="rows each peer scores with generate()")
-    parser.add_argument("--worker-timeout", type=int, default=300, help="seconds for each tool's process")
+    parser.add_argument("--worker-timeout", type=int, default=180, help="seconds for each tool's process")
     # Set by the parent for a worker process
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    parser.add_argument("--decoder-params", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
