@@ -306,7 +306,7 @@ def run_trl(args, df, result: dict, save) -> None:
         peft_config=lora,
         callbacks=[timer],
     )
-    result["settings"]["optimizer"] = str(trainer.args.optim)
+    result["settings"]["optimizer"] = trainer.args.optim.value
     common.log(f"trl {args.precision}: training at micro-batch {micro_batch}, {args.steps} timed step(s)")
     result["train"] = train_with_trainer(trainer, timer, micro_batch)
     save()
@@ -378,7 +378,7 @@ def run_unsloth(args, df, result: dict, save) -> None:
     trainer = SFTTrainer(
         model=model, tokenizer=processor, data_collator=collator, train_dataset=dataset, args=config, callbacks=[timer]
     )
-    result["settings"]["optimizer"] = str(trainer.args.optim)
+    result["settings"]["optimizer"] = trainer.args.optim.value
     common.log(f"unsloth {args.precision}: training at micro-batch {micro_batch}, {args.steps} timed step(s)")
     result["train"] = train_with_trainer(trainer, timer, micro_batch)
     save()

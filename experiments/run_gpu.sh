@@ -88,7 +88,7 @@ run infer 240 experiments/bench_infer.py --rows 512 --original-rows 64 --batch-s
 run profile 240 experiments/profile_infer.py --models 8b --rows 512
 run train 300 experiments/bench_train.py
 run moe 200 experiments/bench_moe.py
-run peers 420 experiments/bench_peers.py --model 8b
+run peers 400 experiments/bench_peers.py --model 8b
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"
