@@ -508,8 +508,8 @@ def parent(args) -> None:
         "cap_scope": "torch.cuda.set_per_process_memory_fraction after loading, in every worker",
         "score_rows": {"project": args.score_rows, "generate": args.generate_rows},
         "precisions": args.precisions,
-        "processes": "one per tool, precision and micro-batch (python -m ... --worker), the parent only builds the "
-        "checkpoint and the images",
+        "processes": "one per tool, precision and micro-batch (this script with --worker); the parent builds the "
+        "checkpoint and the images, and computes the ratios",
         "train_throughput": "samples/s = 16 x timed optimizer steps / their summed wall time (CUDA synchronised), "
         "after one warm-up step; data preparation included in every tool's step time (the project: collation in "
         "the main process, as bench_train.py; TRL and Unsloth: their Trainer's DataLoader, 0 workers by default)",
