@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, peers)
+#   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
 # "$OUT/" (the folder whose files come back from the GPU machine). The benchmarks write their JSON after every model,
 # so one cut short by its timeout still leaves what it measured.
 # The GPU machine has no bitsandbytes (nor perhaps peft): both come as wheels in .whl/ (carried, git-ignored).
+# bench_peers.py also needs TRL and what it requires beyond the machine's packages (datasets, dill, multiprocess): the
+# wheels in .whl-peers/ (carried beside .whl/, git-ignored), installed with them where the folder is there.
 cd "$(dirname "$0")/.." || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
-    export PYTHONPATH=/tmp/site || echo "WARNING: installing .whl/*.whl failed; 4-bit loading will fail"
+wheels=(.whl/*.whl)
+[[ -d .whl-peers ]] && wheels+=(.whl-peers/*.whl)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" &&
+    export PYTHONPATH=/tmp/site || echo "WARNING: installing ${wheels[*]} failed; 4-bit loading will fail"
 
 set -u
 export PYTHONUNBUFFERED=1
@@ -21,7 +26,7 @@ echo "== environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "WARNING: nvidia-smi failed"
 python3 - <<'EOF'
 import importlib
-for name in ("torch", "transformers", "accelerate", "peft", "bitsandbytes"):
+for name in ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "trl", "datasets", "pyarrow"):
     try:
         module = importlib.import_module(name)
         print(f"{name} {module.__version__}  ({module.__file__})")
@@ -33,7 +38,7 @@ EOF
 python3 -c 'import peft' 2>/dev/null || echo "WARNING: no peft: bench_train (LoRA) will fail; put a peft wheel in .whl/"
 
 failures=()
-selected="${*:-infer profile train moe rehearse-8b rehearse-2b rehearse-30b rehearse-more}"
+selected="${*:-infer profile train moe peers rehearse-8b rehearse-2b rehearse-30b rehearse-more}"
 # run NAME SECONDS SCRIPT [ARGS...]: one benchmark under a timeout; its log and JSON are copied to $OUT whatever happens.
 run() {
     local name=$1 limit=$2 script=$3
@@ -87,6 +92,7 @@ run train 300 experiments/bench_train.py
 run moe 200 experiments/bench_moe.py
 run qwen35 560 experiments/bench_qwen35_fp16.py --models 4b,9b --steps 200
 run qwen35-off 330 experiments/bench_qwen35_fp16.py --models 4b --steps 200 --islands off
+run peers 400 experiments/bench_peers.py --model 8b
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"

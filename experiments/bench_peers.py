@@ -1,0 +1,585 @@
+"""The project against the tools a competitor would pick instead: TRL's SFTTrainer and Unsloth, same model and rows.
+
+One random checkpoint at the real size and one set of synthetic rows; each tool in a process of its own, so that
+memory peaks and imports do not mix (Unsloth patches transformers when it is imported). For each precision (fp16, a
+T4's, with a GradScaler; bf16) every tool trains the same LoRA (rank, alpha and targets of the `safe` level: r 8 on
+the language model's q/k/v/o) on 4-bit NF4 weights with the same effective batch (16), image size (384) and GPU
+memory cap (14.5 GiB, a T4 stand-in, set after loading), then scores rows with the trained adapter:
+
+- project: `helpers.load_model_and_processor` + `attach_lora` + the fit step path, timed as bench_train.py times it
+  (collation in the main process, the largest micro-batch that fits, and again at each peer's micro-batch for a
+  comparison at equal memory); scoring: `helpers.letter_log_probs` (one forward per batch of 32).
+- trl: `SFTTrainer` with the settings of TRL's examples/notebooks/sft_qwen_vl.ipynb (BitsAndBytesConfig NF4 with
+  double quantization, micro-batch 2 with gradient accumulation, 8-bit AdamW, max_length None, its default gradient
+  checkpointing and data collator), on a prompt-completion dataset so that the loss covers the answer only, as the
+  project's does. Changed to match the project: LoRA rank, alpha and targets (the notebook: r 32 on attention and
+  MLP), the model's dtype (the notebook loads float32 around the 4-bit weights; here the precision compared) and the
+  accumulation (16 samples per step). Scoring: what its docs run, `model.generate` on one sample at a time (the
+  chat template applied by the processor), with max_new_tokens=2: a trained model answers a letter and <|im_end|>.
+- unsloth: `FastVisionModel` with the settings of Unsloth's Kaggle-Qwen3_VL_(8B)-Vision notebook (4-bit,
+  use_gradient_checkpointing="unsloth", UnslothVisionDataCollator, 8-bit AdamW, micro-batch 2), the same LoRA rank
+  and targets, answers only in the loss; scoring with generate as for TRL. Run only where `unsloth` imports; the GPU
+  machine does not have it and cannot be given it (UNSLOTH_NOT_CARRIED below), so there it is recorded as
+  "not run: <reason>". This path has never run: no machine here has Unsloth.
+
+Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
+synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
+project / peer within this one run.
+
+    python experiments/bench_peers.py --out results/peers.json                        # GPU: Qwen3-VL-8B size
+    python experiments/bench_peers.py --out /tmp/peers.json --model tiny --precisions fp32 --steps 1 \\
+        --rows 32 --score-rows 16 --generate-rows 2                                   # CPU check, no 4 bits
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import bench_train
+import common
+import torch
+from common import helpers
+
+EFFECTIVE_BATCH = bench_train.EFFECTIVE_BATCH  # 16, the `safe` level's
+TOOLS = ("project", "trl", "unsloth")
+VERSIONS = ("trl", "datasets", "unsloth", "unsloth_zoo", "xformers", "pyarrow")  # beside common.environment()'s
+
+# Why the GPU machine has no Unsloth. A device call carries at most 64 MiB of working tree; .whl/ (transformers 5.24,
+# peft, bitsandbytes) takes 54.9 MiB of it and the tracked files 1.2 MiB. Sizes of the manylinux x86_64 wheels for
+# Python 3.12 on the package index, 2026-11-29.
+UNSLOTH_NOT_CARRIED = (
+    "its wheels do not fit a device call: unsloth 2026.10.9 (the newest) is a 27.3 MiB wheel (25 MiB of it the "
+    "Unsloth Studio web app) and requires unsloth_zoo (2.8 MiB), torchao (3.2 MiB), pydantic + pydantic_core "
+    "(2.6 MiB), diffusers (6.1 MiB), hf_transfer (3.4 MiB), trl<=1.15, datasets<5 and smaller ones: 38-48 MiB, "
+    "beside the 54.9 MiB of .whl/ (bitsandbytes alone 41.1 MiB) and 1.2 MiB of tracked files, against 64 MiB. It "
+    "also requires transformers<=5.17 (the project: >=5.21). Releases before Studio are small (2026.3.1: 0.4 MiB) "
+    "but cap transformers at 5.2.0 (2026.3.1) or 4.57.6 (2026.2.1): one more transformers wheel (13 MiB), still "
+    "over. xformers (0.0.35, 3.1 MiB) is optional: Unsloth falls back to PyTorch attention"
+)
+
+
+def versions() -> dict:
+    env = common.environment()
+    for package in VERSIONS:
+        try:
+            env[package] = md.version(package)
+        except md.PackageNotFoundError:
+            env[package] = None
+    return env
+
+
+# -- Project -----------------------------------------------------------------------------------------------------------
+
+
+def project_config(args) -> helpers.Config:
+    return helpers.Config(
+        profile="safe",
+        model_id=args.checkpoint,
+        output_dir=str(Path(args.workdir) / "peers-out"),
+        image_size=args.image_size,
+        precision=args.precision,
+    )
+
+
+def score_letters(model, processor, df, cfg) -> dict:
+    """helpers.letter_log_probs on `df` after a warm-up pass on its first batch (kernels, allocator, workers)."""
+    helpers.letter_log_probs(model, processor, df.head(cfg.eval_batch_size), cfg)
+    common.sync()
+    common.reset_peak()
+    start = time.perf_counter()
+    helpers.letter_log_probs(model, processor, df, cfg)
+    common.sync()
+    seconds = time.perf_counter() - start
+    return {
+        "way": f"helpers.letter_log_probs, batch {cfg.eval_batch_size}, {cfg.num_workers} DataLoader workers",
+        "rows": len(df),
+        "seconds": seconds,
+        "rows_per_s": len(df) / seconds,
+        "peak_gib": common.peak_gib(),
+    }
+
+
+def run_project(args, df, result: dict, save) -> None:
+    cfg = project_config(args)
+    start = time.perf_counter()
+    model, processor = helpers.load_model_and_processor(cfg)
+    result.update(load_s=time.perf_counter() - start, weights_gib=common.allocated_gib())
+    common.cap_gpu_memory(args.cap)
+    model = helpers.attach_lora(model, cfg)
+    result["settings"] = {
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets},
+        "image_size": cfg.image_size,
+        "optimizer": "AdamW (torch), GradScaler in fp16, clip 1.0",
+        "vision_attention": "batched over images (helpers.batch_vision_attention)",
+    }
+    train_df = df.head(EFFECTIVE_BATCH * (1 + args.steps))  # the rows the peers train on
+    batches = helpers.length_grouped_batches(helpers.prompt_lengths(train_df), EFFECTIVE_BATCH, seed=0)
+    info = {"decoder_params": None}  # for MFU, which needs the GPU's peak TFLOP/s: left out here (tflops None)
+    common.log(f"project {args.precision}: training, largest micro-batch that fits, {args.steps} timed step(s)")
+    result["train"] = bench_train.project_way_auto(model, processor, cfg, train_df, batches, args.steps, info, None)
+    save()
+    for micro_batch in args.micro_batches:  # the peers' micro-batches: the same speed question at equal memory
+        common.log(f"project {args.precision}: training at micro-batch {micro_batch}")
+        result[f"train_mb{micro_batch}"] = bench_train.project_way(
+            model, processor, cfg, train_df, batches, args.steps, micro_batch, info, None
+        )
+        save()
+    common.log(f"project {args.precision}: letter scoring of {args.score_rows} rows")
+    result["score"] = score_letters(model, processor, df.head(args.score_rows), cfg)
+
+
+# -- What TRL and Unsloth share: SFTTrainer timing and generate() ----------------------------------------------------
+
+
+def step_timer(warmup_steps: int):
+    """A TrainerCallback (defined here, not at the top: the Unsloth worker must import unsloth before transformers)
+    that notes when each optimizer step ends (CUDA synchronised) and resets the peak memory
+    after the warm-up steps. Step k's time is from step k-1's end to its own: data, forward, backward, optimizer
+    and the trainer's logging, as the project's step time covers its collation and optimizer step."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            common.sync()
+            self.ends.append(time.perf_counter())
+            if len(self.ends) == warmup_steps:
+                common.reset_peak()
+
+    return StepTimer()
+
+
+def peer_sft_config(args, micro_batch: int, **overrides):
+    """SFTConfig as both notebooks set it, with the comparison's batch, precision and step count."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(Path(args.workdir) / f"peers-out/{args.worker}"),
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=EFFECTIVE_BATCH // micro_batch,
+        max_steps=1 + args.steps,  # one warm-up step, then the timed ones
+        warmup_steps=5,
+        learning_rate=2e-4,
+        # bitsandbytes' 8-bit AdamW needs CUDA; the CPU check runs torch's AdamW instead
+        optim="adamw_8bit" if torch.cuda.is_available() else "adamw_torch",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        fp16=args.precision == "fp16",
+        bf16=args.precision == "bf16",  # SFTConfig would default to bf16 otherwise
+        seed=3407,
+        **overrides,
+    )
+
+
+def train_with_trainer(trainer, timer, micro_batch: int) -> dict:
+    trainer.train()
+    timed = [b - a for a, b in zip(timer.ends[:-1], timer.ends[1:], strict=True)]  # after the warm-up step
+    seconds = sum(timed)
+    return {
+        "micro_batch": micro_batch,
+        "grad_accum": EFFECTIVE_BATCH // micro_batch,
+        "steps": len(timed),
+        "samples": EFFECTIVE_BATCH * len(timed),
+        "seconds": seconds,
+        "samples_per_s": EFFECTIVE_BATCH * len(timed) / seconds,
+        "step_s": timed,
+        "peak_gib": common.peak_gib(),
+        "peak_reserved_gib": bench_train.peak_reserved_gib(),
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }
+
+
+def messages_with_image(row: dict, image_size: int, answer: str | None = None) -> list[dict]:
+    """helpers' chat messages for a row with its image (as helpers.load_image gives it) in the user turn."""
+    messages = helpers.build_messages(row, answer=answer)
+    messages[1]["content"][0]["image"] = helpers.load_image(row["image_path"], image_size)
+    return messages
+
+
+def generate_one(model, processor, row: dict, image_size: int) -> None:
+    """TRL's docs' inference: the processor applies the chat template and reads the image, then generate()."""
+    inputs = processor.apply_chat_template(
+        messages_with_image(row, image_size),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    ).to(helpers.input_device(model))
+    model.generate(**inputs, max_new_tokens=2, do_sample=False, use_cache=True)
+
+
+def score_by_generate(model, processor, df, image_size: int) -> dict:
+    rows = df.to_dict("records")
+    model.eval()
+    with torch.no_grad():
+        for row in rows[:2]:  # warm-up
+            generate_one(model, processor, row, image_size)
+        common.sync()
+        common.reset_peak()
+        start = time.perf_counter()
+        for row in rows:
+            generate_one(model, processor, row, image_size)
+        common.sync()
+    seconds = time.perf_counter() - start
+    return {
+        "way": "model.generate(max_new_tokens=2), one sample at a time",
+        "rows": len(rows),
+        "seconds": seconds,
+        "rows_per_s": len(rows) / seconds,
+        "peak_gib": common.peak_gib(),
+    }
+
+
+# -- TRL --------------------------------------------------------------------------------------------------------------
+
+
+def trl_dataset(df, image_size: int):
+    """Prompt-completion rows with their images (TRL's VLM format): the loss then covers the completion only."""
+    from datasets import Dataset
+
+    records = []
+    for row in df.to_dict("records"):
+        prompt = helpers.build_messages(row)
+        completion = [{"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}]
+        records.append(
+            {"prompt": prompt, "completion": completion, "images": [helpers.load_image(row["image_path"], image_size)]}
+        )
+    return Dataset.from_list(records)
+
+
+def load_for_trl(args):
+    """The model as TRL's notebook loads it (NF4, double quantization), in the precision compared."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    dtype = helpers.compute_dtype(args.precision)
+    kwargs = {"dtype": dtype}
+    if torch.cuda.is_available():  # bitsandbytes' 4 bits need CUDA; the CPU check trains unquantized
+        kwargs["device_map"] = "auto"
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+        )
+    model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, **kwargs)
+    processor = AutoProcessor.from_pretrained(args.checkpoint)
+    common.set_image_size(processor, args.image_size)  # the same vision tokens per image as the project
+    return model, processor
+
+
+def run_trl(args, df, result: dict, save) -> None:
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    cfg = project_config(args)
+    micro_batch = args.micro_batch
+    start = time.perf_counter()
+    model, processor = load_for_trl(args)
+    result.update(load_s=time.perf_counter() - start, weights_gib=common.allocated_gib())
+    common.cap_gpu_memory(args.cap)
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=helpers.lora_target_regex(cfg.lora_targets)
+    )
+    result["settings"] = {
+        "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout, "targets": cfg.lora_targets},
+        "image_size": args.image_size,
+        "loss": "completion only (prompt-completion dataset)",
+        "vision_attention": "transformers' own (one SDPA call per image)",
+    }
+    timer = step_timer(warmup_steps=1)
+    trainer = SFTTrainer(
+        model=model,
+        args=peer_sft_config(args, micro_batch, max_length=None),
+        train_dataset=trl_dataset(df.head(EFFECTIVE_BATCH * (1 + args.steps)), args.image_size),
+        processing_class=processor,
+        peft_config=lora,
+        callbacks=[timer],
+    )
+    result["settings"]["optimizer"] = trainer.args.optim.value
+    common.log(f"trl {args.precision}: training at micro-batch {micro_batch}, {args.steps} timed step(s)")
+    result["train"] = train_with_trainer(trainer, timer, micro_batch)
+    save()
+    common.log(f"trl {args.precision}: generate() on {args.generate_rows} rows")
+    result["score"] = score_by_generate(trainer.model, processor, df.head(args.generate_rows), args.image_size)
+
+
+# -- Unsloth ----------------------------------------------------------------------------------------------------------
+
+
+def run_unsloth(args, df, result: dict, save) -> None:
+    from unsloth import FastVisionModel  # first: it patches transformers, peft and trl when imported
+    from unsloth.trainer import UnslothVisionDataCollator
+
+    # isort: split
+    from trl import SFTTrainer
+
+    cfg = project_config(args)
+    micro_batch = args.micro_batch
+    start = time.perf_counter()
+    model, processor = FastVisionModel.from_pretrained(
+        args.checkpoint,
+        load_in_4bit=True,
+        use_gradient_checkpointing="unsloth",
+        dtype=helpers.compute_dtype(args.precision),
+    )
+    common.set_image_size(processor, args.image_size)
+    result.update(load_s=time.perf_counter() - start, weights_gib=common.allocated_gib())
+    common.cap_gpu_memory(args.cap)
+    model = FastVisionModel.get_peft_model(
+        model,
+        finetune_vision_layers=False,  # the project's targets: the language model's attention projections
+        finetune_language_layers=True,
+        finetune_attention_modules=True,
+        finetune_mlp_modules=False,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0,
+        bias="none",
+        random_state=3407,
+    )
+    result["settings"] = {
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0, "targets": "language attention (q/k/v/o)"},
+        "image_size": args.image_size,
+        "loss": "responses only (UnslothVisionDataCollator train_on_responses_only)",
+        "gradient_checkpointing": "unsloth",
+    }
+    FastVisionModel.for_training(model)
+    rows = df.head(EFFECTIVE_BATCH * (1 + args.steps)).to_dict("records")
+    dataset = [{"messages": messages_with_image(row, args.image_size, answer=row["answer"])} for row in rows]
+    collator = UnslothVisionDataCollator(
+        model,
+        processor,
+        train_on_responses_only=True,
+        instruction_part="<|im_start|>user\n",
+        response_part="<|im_start|>assistant\n",
+    )
+    timer = step_timer(warmup_steps=1)
+    config = peer_sft_config(
+        args,
+        micro_batch,
+        remove_unused_columns=False,  # the notebook: "You MUST put the below items for vision finetuning"
+        dataset_text_field="",
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=2048,
+        weight_decay=0.001,
+        lr_scheduler_type="linear",
+    )
+    trainer = SFTTrainer(
+        model=model, tokenizer=processor, data_collator=collator, train_dataset=dataset, args=config, callbacks=[timer]
+    )
+    result["settings"]["optimizer"] = trainer.args.optim.value
+    common.log(f"unsloth {args.precision}: training at micro-batch {micro_batch}, {args.steps} timed step(s)")
+    result["train"] = train_with_trainer(trainer, timer, micro_batch)
+    save()
+    FastVisionModel.for_inference(model)
+    common.log(f"unsloth {args.precision}: generate() on {args.generate_rows} rows")
+    result["score"] = score_by_generate(model, processor, df.head(args.generate_rows), args.image_size)
+
+
+RUNNERS = {"project": run_project, "trl": run_trl, "unsloth": run_unsloth}
+
+
+def worker(args) -> None:
+    """One tool in one precision, in this process; writes its result to --out after each phase."""
+    result = {"tool": args.worker, "precision": args.precision, "micro_batch": args.micro_batch}
+
+    def save():
+        common.write_json(args.out, result)
+
+    helpers.seed_everything(0)
+    df = common.synthetic_rows(args.rows, Path(args.workdir))  # the parent made the images: same rows, no work
+    try:
+        RUNNERS[args.worker](args, df, result, save)
+        result["status"] = "ok"
+    except Exception as error:
+        traceback.print_exc()
+        result["status"] = f"error: {type(error).__name__}: {str(error)[:500]}"
+    result["env"] = versions()  # after the run: Unsloth's versions only show once it imported
+    save()
+    if result["status"] != "ok":
+        raise SystemExit(1)
+
+
+# -- The parent: one process per tool and precision ------------------------------------------------------------------
+
+
+def worker_command(args, tool: str, precision: str, micro_batch: int, out: Path, checkpoint: Path) -> list:
+    shared = ["--model", args.model, "--workdir", args.workdir, "--rows", args.rows, "--steps", args.steps]
+    shared += ["--image-size", args.image_size, "--cap", args.cap, "--score-rows", args.score_rows]
+    shared += ["--generate-rows", args.generate_rows, "--micro-batches", ",".join(map(str, args.micro_batches))]
+    own = ["--worker", tool, "--precision", precision, "--micro-batch", micro_batch, "--out", out]
+    own += ["--checkpoint", checkpoint]
+    return [sys.executable, __file__, *map(str, shared + own)]
+
+
+def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Path) -> dict:
+    if tool == "unsloth" and importlib.util.find_spec("unsloth") is None:
+        return {"status": f"not run: unsloth is not installed here; {UNSLOTH_NOT_CARRIED}"}
+    result = Path(args.workdir) / "peers" / f"{tool}-{precision}-mb{micro_batch}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.unlink(missing_ok=True)
+    command = worker_command(args, tool, precision, micro_batch, result, checkpoint)
+    common.log(
+        f"== {tool} {precision} (micro-batch {micro_batch}): a process of its own, timeout {args.worker_timeout} s"
+    )
+    try:
+        rc = subprocess.run(command, timeout=args.worker_timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    recorded = json.loads(result.read_text()) if result.exists() else {}
+    if rc == "timeout":
+        recorded["status"] = f"timed out after {args.worker_timeout} s"
+    elif "status" not in recorded:  # killed before it could write (out of host memory, a crash in native code)
+        recorded["status"] = f"failed with exit code {rc} before recording a result (see the log)"
+    return recorded
+
+
+def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
+    if not a or not b or a.get(key) is None or b.get(key) is None:
+        return None
+    return a[key] / b[key]
+
+
+def ratios(runs: dict) -> dict:
+    """Project / peer within this run: training samples/s at the project's micro-batch and at the peer's (equal
+    memory), scoring rows/s, and peak training memory (below 1: the project uses less)."""
+    project = runs.get("project", {})
+    out = {}
+    for name, peer in runs.items():
+        if name == "project" or "train" not in peer:
+            continue
+        same_micro = project.get(f"train_mb{peer['micro_batch']}")
+        out[name] = {
+            "train_speed": ratio(project.get("train"), peer["train"], "samples_per_s"),
+            "train_speed_at_peer_micro_batch": ratio(same_micro, peer["train"], "samples_per_s"),
+            "train_peak_memory": ratio(project.get("train"), peer["train"], "peak_gib"),
+            "train_peak_memory_at_peer_micro_batch": ratio(same_micro, peer["train"], "peak_gib"),
+            "score_speed": ratio(project.get("score"), peer.get("score"), "rows_per_s"),
+        }
+    return out
+
+
+def table(results: dict) -> list[dict]:
+    rows = []
+    for precision, runs in results["runs"].items():
+        for name, run in runs.items():
+            trainings = [(k, v) for k, v in run.items() if k.startswith("train") and isinstance(v, dict)]
+            if not trainings:
+                rows.append({"precision": precision, "tool": name, "status": run.get("status", "")[:100]})
+            for key, train in trainings:
+                row = {"precision": precision, "tool": name, "micro": train["micro_batch"]}
+                row.update({"train samples/s": train["samples_per_s"], "train peak GiB": train["peak_gib"]})
+                if key == "train" and "score" in run:
+                    row.update({"score rows/s": run["score"]["rows_per_s"], "score peak GiB": run["score"]["peak_gib"]})
+                row["status"] = run.get("status")
+                rows.append(row)
+    return rows
+
+
+def parent(args) -> None:
+    workdir = Path(args.workdir)
+    started = time.perf_counter()
+    helpers.seed_everything(0)
+    common.synthetic_rows(args.rows, workdir)  # the images, written once for every worker
+    checkpoint, info = common.build_random_checkpoint(args.model, workdir)
+    helpers.release_memory()
+    results = {"benchmark": "peers", "env": versions(), "checkpoint": info, "runs": {}, "ratios": {}}
+    results["config"] = {
+        "model": args.model,
+        "rows": args.rows,
+        "effective_batch": EFFECTIVE_BATCH,
+        "image_size": args.image_size,
+        "lora": "the safe level's: r 8, alpha 16, on the language model's q/k/v/o",
+        "warmup_steps": 1,
+        "steps": args.steps,
+        "peer_micro_batches": args.micro_batches,
+        "gpu_memory_cap_gib": args.cap if torch.cuda.is_available() else None,
+        "cap_scope": "torch.cuda.set_per_process_memory_fraction after loading, in every worker",
+        "score_rows": {"project": args.score_rows, "generate": args.generate_rows},
+        "precisions": args.precisions,
+        "processes": "one per tool, precision and micro-batch (this script with --worker); the parent builds the "
+        "checkpoint and the images, and computes the ratios",
+        "train_throughput": "samples/s = 16 x timed optimizer steps / their summed wall time (CUDA synchronised), "
+        "after one warm-up step; data preparation included in every tool's step time (the project: collation in "
+        "the main process, as bench_train.py; TRL and Unsloth: their Trainer's DataLoader, 0 workers by default)",
+        "score_throughput": "project: rows / one timed letter_log_probs pass after a warm-up batch; peers: rows / "
+        "summed generate() time after 2 warm-up rows",
+        "peak_gib": "torch.cuda.max_memory_allocated over the timed steps or pass, weights included",
+        "trl_notebook": "huggingface/trl examples/notebooks/sft_qwen_vl.ipynb",
+        "unsloth_notebook": "unslothai/notebooks nb/Kaggle-Qwen3_VL_(8B)-Vision.ipynb",
+    }
+
+    def save():
+        results["total_s"] = time.perf_counter() - started
+        common.write_json(args.out, results)
+
+    for precision in args.precisions:
+        runs = results["runs"].setdefault(precision, {})
+        for tool in args.tools:
+            micro_batches = [0] if tool == "project" else args.micro_batches  # 0: the project finds its own
+            for micro_batch in micro_batches:
+                name = tool if tool == "project" else f"{tool} mb{micro_batch}"
+                runs[name] = run_worker(args, tool, precision, micro_batch, checkpoint)
+                common.log(f"{name} {precision}: {runs[name]['status']}")
+                results["ratios"][precision] = ratios(runs)
+                save()
+    save()
+    print()
+    common.print_table(table(results))
+    print(json.dumps(results["ratios"], indent=2))
+    print(f"\nresults in {args.out} ({results['total_s']:.0f} s in all)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="results JSON (a worker's own result, for a worker)")
+    parser.add_argument("--model", default="8b", choices=list(common.SIZES), help="random checkpoint at this size")
+    parser.add_argument("--workdir", default="/tmp/qwen-vqa-bench", help="random checkpoints and images (GBs)")
+    parser.add_argument("--rows", type=int, default=256, help="synthetic rows, the same for every tool")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps of 16 samples, after 1 warm-up")
+    parser.add_argument("--image-size", type=int, default=384, help="the safe level's image size")
+    parser.add_argument("--cap", type=float, default=common.T4_CAP_GIB, help="GPU memory cap in GiB (T4 stand-in)")
+    parser.add_argument("--precisions", default="fp16,bf16", help="comma-separated, of fp16, bf16, fp32 (CPU)")
+    parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {TOOLS}")
+    parser.add_argument("--micro-batches", default="2", help="the peers' micro-batches (their notebooks': 2)")
+    parser.add_argument("--score-rows", type=int, default=256, help="rows the project scores (letter_log_probs)")
+    parser.add_argument("--generate-rows", type=int, default=32, help="rows each peer scores with generate()")
+    parser.add_argument("--worker-timeout", type=int, default=180, help="seconds for each tool's process")
+    # Set by the parent for a worker process
+    parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    args.micro_batches = [int(m) for m in args.micro_batches.split(",") if m.strip()]
+    problems = [f"unknown precision {p!r}" for p in args.precisions if p not in ("fp16", "bf16", "fp32")]
+    problems += [f"unknown tool {t!r}" for t in args.tools if t not in TOOLS]
+    problems += [
+        f"micro-batch {m} does not divide {EFFECTIVE_BATCH}" for m in args.micro_batches if EFFECTIVE_BATCH % m
+    ]
+    needed = EFFECTIVE_BATCH * (1 + args.steps)
+    if args.rows < max(needed, args.score_rows, args.generate_rows):
+        problems.append(f"--rows must cover the warm-up and timed steps ({needed}) and the scored rows")
+    if problems:
+        raise SystemExit("bench_peers.py: " + "; ".join(problems))
+    if args.worker:
+        worker(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
