@@ -51,8 +51,8 @@ run() {
     echo "== $name: $script (timeout ${limit} s, $((SECONDS - started)) s elapsed)"
     timeout -k 10 "$limit" python3 "$script" --out "experiments/results/${name%%-*}.json" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
-    if [[ -f experiments/results/$name.json ]]; then
-        cp "experiments/results/$name.json" "$OUT/"
+    if [[ -f experiments/results/${name%%-*}.json ]]; then
+        cp "experiments/results/${name%%-*}.json" "$OUT/"
     fi
     if [[ $rc -ne 0 ]]; then
         [[ $rc -eq 124 || $rc -eq 137 ]] && echo "== $name: TIMED OUT after ${limit} s" || echo "== $name: FAILED (exit $rc)"
