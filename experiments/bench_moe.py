@@ -203,17 +203,13 @@ def weights_report(model, layers: int) -> dict:
 
 
 class QLoRAStep:
-    """One optimizer step as helpers.fit takes it (micro-batch 1): AdamW on the LoRA weights, GradScaler, autocast,
-    helpers.optimizer_step (unscale, clip, skip a non-finite gradient)."""
+    """One optimizer step as helpers.fit takes it (micro-batch 1): its AdamW, GradScaler and autocast
+    (make_optimizer, mixed_precision) and helpers.optimizer_step (unscale, clip, skip a non-finite gradient)."""
 
     def __init__(self, model, batch: dict, cfg: helpers.Config):
-        device = helpers.input_device(model)
-        dtype = helpers.compute_dtype(cfg.precision)
         self.model, self.batch, self.max_grad_norm = model, batch, cfg.max_grad_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.autocast = helpers.autocast_context(device, dtype)
+        self.params, self.optimizer = helpers.make_optimizer(model, cfg)
+        self.scaler, self.autocast = helpers.mixed_precision(model, cfg)
 
     def __call__(self) -> float:
         loss = helpers.accumulate_gradients(self.model, self.batch, 1, self.scaler, self.autocast)
