@@ -64,7 +64,13 @@ LETTERS = ("a", "b", "c", "d")
 # Hosted notebooks ship older versions of these than the notebook needs. The setup cell installs them before anything
 # imports transformers (this module imports only torch, numpy, pandas, PIL and tqdm at the top). The bounds are
 # requirements.txt's: tests/test_setup.py checks that both say the same.
-HOSTED_PACKAGES = ("transformers>=5.21,<6", "peft>=0.21,<0.23", "accelerate>=1.10,<2", "bitsandbytes>=0.48,<0.51")
+HOSTED_PACKAGES = (
+    "transformers>=5.21,<6",
+    "peft>=0.21,<0.23",
+    "accelerate>=1.10,<2",
+    "bitsandbytes>=0.48,<0.51",
+    "qwen-vl-utils>=0.0.14,<0.1",
+)
 
 
 def on_hosted_notebook() -> bool:
@@ -360,7 +366,8 @@ class Config:
     zero_shot_baseline: bool = True  # score the base model on (a sample of) the train rows before training
 
     # Memory level (from MEMORY_LEVELS unless set here)
-    image_size: int | None = None  # longest image side in pixels; vision tokens grow with its square
+    image_size: int | None = None  # images get at most image_size ** 2 pixels, each shape (PixelBudget); vision
+    # tokens grow with it
     lora_r: int | None = None  # adapter rank: capacity vs. memory and time
     batch_size: int | None = None  # micro-batch per forward pass; halves itself on out-of-memory
     auto_micro_batch: bool = True  # start at the whole effective batch and halve on out-of-memory: the largest
@@ -479,7 +486,7 @@ class Config:
         debias = f"letter prior from {self.debias_samples} test rows" if self.debias_samples else "no debiasing"
         return "\n".join(
             [
-                f"profile   {self.profile}: {self.model_id}, images up to {self.image_size} px",
+                f"profile   {self.profile}: {self.model_id}, images up to {self.image_size}^2 pixels",
                 f"LoRA      r {self.lora_r}, alpha {self.lora_alpha} on {', '.join(self.lora_targets)}",
                 f"training  {self.n_folds} folds (training {folds}), {self.epochs} epochs, lr {self.lr:g}, "
                 f"effective batch {self.effective_batch}" + (" (zero-shot: no training)" if self.zero_shot else ""),
@@ -584,10 +591,11 @@ def image_errors(paths: list[str], image_size: int, desc: str) -> list[str]:
 
     On threads: PIL releases the GIL while it decodes, so each CPU core decodes an image at a time.
     """
+    budget = data_check_budget(image_size)
 
     def error(path: str) -> str:
         try:
-            load_image(path, image_size)
+            load_image(path, budget)
             return ""
         except Exception as err:  # any failure here is the row's problem to report, whatever PIL raised
             return f"{type(err).__name__}: {err}"
@@ -619,7 +627,8 @@ def load_competition_data(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(train, test, sample_submission), validated up front; one ValueError lists every problem found.
 
-    Every image is decoded at `image_size` (the Config's) through load_image, as training and inference read it.
+    Every image is decoded at `image_size` (the Config's) through load_image, as training and inference read it
+    (data_check_budget).
     """
     data_dir = Path(data_dir)
     train, problems = read_table(data_dir / "train.csv", TRAIN_COLUMNS)
@@ -921,19 +930,79 @@ MAX_ASPECT_RATIO = 100
 PAD_COLOUR = (128, 128, 128)
 
 
-def load_image(path: str, image_size: int) -> Image.Image:
-    """RGB, upright, longest side at most image_size (aspect ratio kept, never upscaled), extreme strips padded.
+@dataclass(frozen=True)
+class PixelBudget:
+    """How large an image reaches the model, as Qwen's own preprocessing sizes it (qwen-vl-utils' smart_resize): both
+    sides multiples of `factor` (one visual token per factor x factor pixels), as many pixels as fit `max_pixels` and
+    at least `min_pixels`, the aspect ratio kept as nearly as that allows. A memory level sets max_pixels to
+    image_size ** 2, so a square image keeps image_size x image_size; any other shape uses nearly all of it too (a
+    16:9 photo at `safe` 512 x 288, where shrinking the longest side to 384 gave 384 x 216, 58% of the pixels)."""
+
+    max_pixels: int  # the memory level's image_size ** 2
+    min_pixels: int  # the model's own minimum (its processor's): a small image is brought up to it
+    factor: int  # the vision tower's patch side times its 2 x 2 merge: 32 for Qwen3-VL and Qwen3.5, 28 for Qwen2.5-VL
+
+    @property
+    def max_aspect_ratio(self) -> float:
+        """Strips are padded to this: MAX_ASPECT_RATIO, or less where the budget cannot hold one factor x factor patch
+        across such a strip (at image_size 64)."""
+        return min(MAX_ASPECT_RATIO, self.max_pixels // self.factor**2)
+
+    def size_for(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) that an image of this size gets, after pad_to_aspect_ratio."""
+        from qwen_vl_utils import smart_resize
+
+        ratio = self.max_aspect_ratio
+        padded_width, padded_height = max(width, math.ceil(height / ratio)), max(height, math.ceil(width / ratio))
+        height, width = smart_resize(padded_height, padded_width, self.factor, self.min_pixels, self.max_pixels)
+        return width, height
+
+
+# The data check runs before any model is loaded, so it sizes images with qwen-vl-utils' defaults for what depends on
+# the model (28-pixel merged patches, at least 4 of them). The model's own factor moves a side by less than one merged
+# patch; nothing the check looks for (an image that cannot be decoded, turned, converted or sized) depends on it.
+def data_check_budget(image_size: int) -> PixelBudget:
+    return PixelBudget(max_pixels=image_size**2, min_pixels=4 * 28 * 28, factor=28)
+
+
+def set_pixel_budget(processor, image_size: int) -> PixelBudget:
+    """The memory level's pixel budget for this model, set on its processor too: the processor then keeps every image
+    that load_image sized (its own smart_resize returns the same size) instead of resizing it a second time."""
+    image_processor = processor.image_processor
+    budget = PixelBudget(
+        max_pixels=image_size**2,
+        min_pixels=image_processor.size["shortest_edge"],  # as the checkpoint's preprocessor_config.json gives it
+        factor=image_processor.patch_size * image_processor.merge_size,
+    )
+    if budget.min_pixels > budget.max_pixels:
+        raise ValueError(
+            f"image_size {image_size} is below this model's smallest image ({budget.min_pixels} pixels, "
+            f"{math.isqrt(budget.min_pixels)} px square): raise image_size in the Config cell"
+        )
+    image_processor.size = {"shortest_edge": budget.min_pixels, "longest_edge": budget.max_pixels}
+    return budget
+
+
+def pixel_budget(processor) -> PixelBudget:
+    """The pixel budget that set_pixel_budget gave the processor."""
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    return PixelBudget(image_processor.size["longest_edge"], image_processor.size["shortest_edge"], factor)
+
+
+def load_image(path: str, budget: PixelBudget) -> Image.Image:
+    """RGB, upright, extreme strips padded, sized to the pixel budget exactly as the model's processor sizes it.
 
     The data check, training and inference all read images here, so an image that passed the check loads later.
     """
     with Image.open(path) as image:
         refuse_huge(image)
-        # Shrink before converting: JPEGs then decode at a reduced scale (draft), and the colour conversion runs on
-        # the small image. Image loading was the largest CPU cost of a scoring pass. Shrinking into a square box
-        # before turning the image upright gives the same size as after.
-        image.draft("RGB", (image_size, image_size))
-        image.thumbnail((image_size, image_size))
-        return pad_to_aspect_ratio(upright_rgb(image))
+        # A JPEG decodes at a reduced scale, never below the size it gets (draft): image loading was the largest CPU
+        # cost of a scoring pass. smart_resize treats both sides alike, so turning the image upright after changes
+        # nothing in that size.
+        image.draft("RGB", budget.size_for(*image.size))
+        image = pad_to_aspect_ratio(upright_rgb(image), budget.max_aspect_ratio)
+        return image.resize(budget.size_for(*image.size), Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
 def refuse_huge(image: Image.Image) -> None:
@@ -964,10 +1033,10 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # CMYK, P, L, 1, YCbCr ...
 
 
-def pad_to_aspect_ratio(image: Image.Image) -> Image.Image:
-    """`image`, centred on a PAD_COLOUR canvas when one side is more than MAX_ASPECT_RATIO times the other."""
+def pad_to_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """`image`, centred on a PAD_COLOUR canvas when one side is more than `max_ratio` times the other."""
     width, height = image.size
-    short = math.ceil(max(width, height) / MAX_ASPECT_RATIO)
+    short = math.ceil(max(width, height) / max_ratio)
     if min(width, height) >= short:
         return image
     size = (width, short) if width > height else (short, height)
@@ -984,9 +1053,11 @@ def prompt_text(row: pd.Series | dict) -> str:
 class VQADataset(torch.utils.data.Dataset):
     """Rows as (image, chat messages). With answers for training; `order` rotates or shuffles options (TTA, aug)."""
 
-    def __init__(self, df: pd.DataFrame, image_size: int, train: bool, shuffle_options: bool = False, seed: int = 0):
+    def __init__(
+        self, df: pd.DataFrame, budget: PixelBudget, train: bool, shuffle_options: bool = False, seed: int = 0
+    ):
         self.rows = df.to_dict("records")
-        self.image_size = image_size
+        self.budget = budget
         self.train = train
         self.shuffle_options = shuffle_options
         self.seed = seed
@@ -1003,7 +1074,7 @@ class VQADataset(torch.utils.data.Dataset):
         answer = LETTERS[order.index(LETTERS.index(row["answer"]))] if self.train else None
         return {
             "index": i,
-            "image": load_image(row["image_path"], self.image_size),
+            "image": load_image(row["image_path"], self.budget),
             "messages": build_messages(row, order, answer),
         }
 
@@ -1098,7 +1169,7 @@ def split_batch(batch: dict, size: int) -> list[dict]:
 
 def labelled_text(processor, rows: pd.DataFrame, cfg: Config) -> list[str]:
     """The tokens that training labels cover, decoded: a check that labels hold exactly "<answer><|im_end|>"."""
-    dataset = VQADataset(rows.reset_index(drop=True), cfg.image_size, train=True)
+    dataset = VQADataset(rows.reset_index(drop=True), pixel_budget(processor), train=True)
     batch = VQACollator(processor, train=True)([dataset[i] for i in range(len(dataset))])
     labels = batch["labels"]
     return [processor.tokenizer.decode(ids[ids != -100]) for ids in labels]
@@ -1224,8 +1295,7 @@ def load_model_and_processor(cfg: Config):
     family = model_family(_checkpoint_config(model_path).get("model_type"))  # an unsupported model stops here
     processor = AutoProcessor.from_pretrained(model_path)
     processor.tokenizer.padding_side = "left"
-    # Bound the vision tokens: the processor resizes to at most image_size^2 pixels (images are pre-shrunk too).
-    processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": cfg.image_size * cfg.image_size}
+    set_pixel_budget(processor, cfg.image_size)  # images of at most image_size ** 2 pixels: the level's vision tokens
 
     dtype = compute_dtype(cfg.precision)
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
@@ -2721,7 +2791,8 @@ def start_fold(
 
     fold_dir = cfg.fold_dir(fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
-    dataset = VQADataset(train_df, cfg.image_size, train=True, shuffle_options=cfg.shuffle_options, seed=cfg.seed)
+    images = pixel_budget(processor)
+    dataset = VQADataset(train_df, images, train=True, shuffle_options=cfg.shuffle_options, seed=cfg.seed)
     params, optimizer = make_optimizer(model, cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     scaler, autocast = mixed_precision(model, cfg)
@@ -3136,7 +3207,7 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     was_training = model.training
     model.eval()
     device = input_device(model)
-    dataset = VQADataset(df, cfg.image_size, train=False)
+    dataset = VQADataset(df, pixel_budget(processor), train=False)
     dataset.order = order
     collator = VQACollator(processor, train=False)
     letter_ids = torch.tensor(letter_token_ids(processor.tokenizer))

@@ -224,10 +224,10 @@ def training_steps(base, processor, rows, checkpoint: Path, workdir: Path, steps
     results = {}
     for level in helpers.MEMORY_LEVELS:
         cfg = helpers.Config(profile=level, model_id=str(checkpoint), output_dir=str(workdir / "out"))
-        common.set_image_size(processor, cfg.image_size)
+        budget = helpers.set_pixel_budget(processor, cfg.image_size)
         model = helpers.attach_lora(base, cfg)  # each level's rank
         model.train()
-        dataset = helpers.VQADataset(longest, cfg.image_size, train=True)
+        dataset = helpers.VQADataset(longest, budget, train=True)
         batch = helpers.VQACollator(processor, train=True)([dataset[0]])
         step = QLoRAStep(model, batch, cfg)
         step()  # warm-up: kernels, allocator, optimizer state

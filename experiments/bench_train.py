@@ -180,7 +180,7 @@ def project_step(model, dataset, collator, indices: list[int], micro_batch: int,
 
 
 def project_way(model, processor, cfg, df, batches, steps: int, micro_batch: int, info: dict, tflops) -> dict:
-    dataset = helpers.VQADataset(df, cfg.image_size, train=True)
+    dataset = helpers.VQADataset(df, helpers.pixel_budget(processor), train=True)
     collator = helpers.VQACollator(processor, train=True)
     opt = Optimizer(model, cfg)
     model.train()
@@ -222,10 +222,10 @@ def memory_levels(model, processor, df, checkpoint: Path, workdir: Path, cap: fl
     levels = {}
     for level in helpers.MEMORY_LEVELS:
         cfg = helpers.Config(profile=level, model_id=str(checkpoint), output_dir=str(workdir / "out"))
-        common.set_image_size(processor, cfg.image_size)
+        budget = helpers.set_pixel_budget(processor, cfg.image_size)
         model = helpers.attach_lora(helpers.detach_lora(model), cfg)
         model.train()
-        dataset = helpers.VQADataset(df, cfg.image_size, train=True)
+        dataset = helpers.VQADataset(df, budget, train=True)
         collator = helpers.VQACollator(processor, train=True)
         indices = [int(i) for i in longest[: 2 * cfg.batch_size]]
         opt = Optimizer(model, cfg)
