@@ -64,7 +64,13 @@ LETTERS = ("a", "b", "c", "d")
 # Hosted notebooks ship older versions of these than the notebook needs. The setup cell installs them before anything
 # imports transformers (this module imports only torch, numpy, pandas, PIL and tqdm at the top). The bounds are
 # requirements.txt's: tests/test_setup.py checks that both say the same.
-HOSTED_PACKAGES = ("transformers>=5.21,<6", "peft>=0.21,<0.23", "accelerate>=1.10,<2", "bitsandbytes>=0.48,<0.51")
+HOSTED_PACKAGES = (
+    "transformers>=5.21,<6",
+    "peft>=0.21,<0.23",
+    "accelerate>=1.10,<2",
+    "bitsandbytes>=0.48,<0.51",
+    "qwen-vl-utils>=0.0.14,<0.1",
+)
 
 
 def on_hosted_notebook() -> bool:
@@ -360,7 +366,8 @@ class Config:
     zero_shot_baseline: bool = True  # score the base model on (a sample of) the train rows before training
 
     # Memory level (from MEMORY_LEVELS unless set here)
-    image_size: int | None = None  # longest image side in pixels; vision tokens grow with its square
+    image_size: int | None = None  # images get at most image_size ** 2 pixels, each shape (PixelBudget); vision
+    # tokens grow with it
     lora_r: int | None = None  # adapter rank: capacity vs. memory and time
     batch_size: int | None = None  # micro-batch per forward pass; halves itself on out-of-memory
     auto_micro_batch: bool = True  # start at the whole effective batch and halve on out-of-memory: the largest
@@ -481,7 +488,7 @@ class Config:
         debias = f"letter prior from {self.debias_samples} test rows" if self.debias_samples else "no debiasing"
         return "\n".join(
             [
-                f"profile   {self.profile}: {self.model_id}, images up to {self.image_size} px",
+                f"profile   {self.profile}: {self.model_id}, images up to {self.image_size}^2 pixels",
                 f"LoRA      r {self.lora_r}, alpha {self.lora_alpha} on {', '.join(self.lora_targets)}",
                 f"training  {self.n_folds} folds (training {folds}), {self.epochs} epochs, lr {self.lr:g}, "
                 f"effective batch {self.effective_batch}" + (" (zero-shot: no training)" if self.zero_shot else ""),
@@ -586,10 +593,11 @@ def image_errors(paths: list[str], image_size: int, desc: str) -> list[str]:
 
     On threads: PIL releases the GIL while it decodes, so each CPU core decodes an image at a time.
     """
+    budget = data_check_budget(image_size)
 
     def error(path: str) -> str:
         try:
-            load_image(path, image_size)
+            load_image(path, budget)
             return ""
         except Exception as err:  # any failure here is the row's problem to report, whatever PIL raised
             return f"{type(err).__name__}: {err}"
@@ -621,7 +629,8 @@ def load_competition_data(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(train, test, sample_submission), validated up front; one ValueError lists every problem found.
 
-    Every image is decoded at `image_size` (the Config's) through load_image, as training and inference read it.
+    Every image is decoded at `image_size` (the Config's) through load_image, as training and inference read it
+    (data_check_budget).
     """
     data_dir = Path(data_dir)
     train, problems = read_table(data_dir / "train.csv", TRAIN_COLUMNS)
@@ -923,19 +932,79 @@ MAX_ASPECT_RATIO = 100
 PAD_COLOUR = (128, 128, 128)
 
 
-def load_image(path: str, image_size: int) -> Image.Image:
-    """RGB, upright, longest side at most image_size (aspect ratio kept, never upscaled), extreme strips padded.
+@dataclass(frozen=True)
+class PixelBudget:
+    """How large an image reaches the model, as Qwen's own preprocessing sizes it (qwen-vl-utils' smart_resize): both
+    sides multiples of `factor` (one visual token per factor x factor pixels), as many pixels as fit `max_pixels` and
+    at least `min_pixels`, the aspect ratio kept as nearly as that allows. A memory level sets max_pixels to
+    image_size ** 2, so a square image keeps image_size x image_size; any other shape uses nearly all of it too (a
+    16:9 photo at `safe` 512 x 288, where shrinking the longest side to 384 gave 384 x 216, 58% of the pixels)."""
+
+    max_pixels: int  # the memory level's image_size ** 2
+    min_pixels: int  # the model's own minimum (its processor's): a small image is brought up to it
+    factor: int  # the vision tower's patch side times its 2 x 2 merge: 32 for Qwen3-VL and Qwen3.5, 28 for Qwen2.5-VL
+
+    @property
+    def max_aspect_ratio(self) -> float:
+        """Strips are padded to this: MAX_ASPECT_RATIO, or less where the budget cannot hold one factor x factor patch
+        across such a strip (at image_size 64)."""
+        return min(MAX_ASPECT_RATIO, self.max_pixels // self.factor**2)
+
+    def size_for(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) that an image of this size gets, after pad_to_aspect_ratio."""
+        from qwen_vl_utils import smart_resize
+
+        ratio = self.max_aspect_ratio
+        padded_width, padded_height = max(width, math.ceil(height / ratio)), max(height, math.ceil(width / ratio))
+        height, width = smart_resize(padded_height, padded_width, self.factor, self.min_pixels, self.max_pixels)
+        return width, height
+
+
+# The data check runs before any model is loaded, so it sizes images with qwen-vl-utils' defaults for what depends on
+# the model (28-pixel merged patches, at least 4 of them). The model's own factor moves a side by less than one merged
+# patch; nothing the check looks for (an image that cannot be decoded, turned, converted or sized) depends on it.
+def data_check_budget(image_size: int) -> PixelBudget:
+    return PixelBudget(max_pixels=image_size**2, min_pixels=4 * 28 * 28, factor=28)
+
+
+def set_pixel_budget(processor, image_size: int) -> PixelBudget:
+    """The memory level's pixel budget for this model, set on its processor too: the processor then keeps every image
+    that load_image sized (its own smart_resize returns the same size) instead of resizing it a second time."""
+    image_processor = processor.image_processor
+    budget = PixelBudget(
+        max_pixels=image_size**2,
+        min_pixels=image_processor.size["shortest_edge"],  # as the checkpoint's preprocessor_config.json gives it
+        factor=image_processor.patch_size * image_processor.merge_size,
+    )
+    if budget.min_pixels > budget.max_pixels:
+        raise ValueError(
+            f"image_size {image_size} is below this model's smallest image ({budget.min_pixels} pixels, "
+            f"{math.isqrt(budget.min_pixels)} px square): raise image_size in the Config cell"
+        )
+    image_processor.size = {"shortest_edge": budget.min_pixels, "longest_edge": budget.max_pixels}
+    return budget
+
+
+def pixel_budget(processor) -> PixelBudget:
+    """The pixel budget that set_pixel_budget gave the processor."""
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    return PixelBudget(image_processor.size["longest_edge"], image_processor.size["shortest_edge"], factor)
+
+
+def load_image(path: str, budget: PixelBudget) -> Image.Image:
+    """RGB, upright, extreme strips padded, sized to the pixel budget exactly as the model's processor sizes it.
 
     The data check, training and inference all read images here, so an image that passed the check loads later.
     """
     with Image.open(path) as image:
         refuse_huge(image)
-        # Shrink before converting: JPEGs then decode at a reduced scale (draft), and the colour conversion runs on
-        # the small image. Image loading was the largest CPU cost of a scoring pass. Shrinking into a square box
-        # before turning the image upright gives the same size as after.
-        image.draft("RGB", (image_size, image_size))
-        image.thumbnail((image_size, image_size))
-        return pad_to_aspect_ratio(upright_rgb(image))
+        # A JPEG decodes at a reduced scale, never below the size it gets (draft): image loading was the largest CPU
+        # cost of a scoring pass. smart_resize treats both sides alike, so turning the image upright after changes
+        # nothing in that size.
+        image.draft("RGB", budget.size_for(*image.size))
+        image = pad_to_aspect_ratio(upright_rgb(image), budget.max_aspect_ratio)
+        return image.resize(budget.size_for(*image.size), Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
 def refuse_huge(image: Image.Image) -> None:
@@ -966,10 +1035,10 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # CMYK, P, L, 1, YCbCr ...
 
 
-def pad_to_aspect_ratio(image: Image.Image) -> Image.Image:
-    """`image`, centred on a PAD_COLOUR canvas when one side is more than MAX_ASPECT_RATIO times the other."""
+def pad_to_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """`image`, centred on a PAD_COLOUR canvas when one side is more than `max_ratio` times the other."""
     width, height = image.size
-    short = math.ceil(max(width, height) / MAX_ASPECT_RATIO)
+    short = math.ceil(max(width, height) / max_ratio)
     if min(width, height) >= short:
         return image
     size = (width, short) if width > height else (short, height)
@@ -986,9 +1055,11 @@ def prompt_text(row: pd.Series | dict) -> str:
 class VQADataset(torch.utils.data.Dataset):
     """Rows as (image, chat messages). With answers for training; `order` rotates or shuffles options (TTA, aug)."""
 
-    def __init__(self, df: pd.DataFrame, image_size: int, train: bool, shuffle_options: bool = False, seed: int = 0):
+    def __init__(
+        self, df: pd.DataFrame, budget: PixelBudget, train: bool, shuffle_options: bool = False, seed: int = 0
+    ):
         self.rows = df.to_dict("records")
-        self.image_size = image_size
+        self.budget = budget
         self.train = train
         self.shuffle_options = shuffle_options
         self.seed = seed
@@ -1005,7 +1076,7 @@ class VQADataset(torch.utils.data.Dataset):
         answer = LETTERS[order.index(LETTERS.index(row["answer"]))] if self.train else None
         return {
             "index": i,
-            "image": load_image(row["image_path"], self.image_size),
+            "image": load_image(row["image_path"], self.budget),
             "messages": build_messages(row, order, answer),
         }
 
@@ -1100,7 +1171,7 @@ def split_batch(batch: dict, size: int) -> list[dict]:
 
 def labelled_text(processor, rows: pd.DataFrame, cfg: Config) -> list[str]:
     """The tokens that training labels cover, decoded: a check that labels hold exactly "<answer><|im_end|>"."""
-    dataset = VQADataset(rows.reset_index(drop=True), cfg.image_size, train=True)
+    dataset = VQADataset(rows.reset_index(drop=True), pixel_budget(processor), train=True)
     batch = VQACollator(processor, train=True)([dataset[i] for i in range(len(dataset))])
     labels = batch["labels"]
     return [processor.tokenizer.decode(ids[ids != -100]) for ids in labels]
@@ -1230,8 +1301,7 @@ def load_model_and_processor(cfg: Config):
     family = model_family(_checkpoint_config(model_path).get("model_type"))  # an unsupported model stops here
     processor = AutoProcessor.from_pretrained(model_path)
     processor.tokenizer.padding_side = "left"
-    # Bound the vision tokens: the processor resizes to at most image_size^2 pixels (images are pre-shrunk too).
-    processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": cfg.image_size * cfg.image_size}
+    set_pixel_budget(processor, cfg.image_size)  # images of at most image_size ** 2 pixels: the level's vision tokens
 
     dtype = compute_dtype(cfg.precision)
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
@@ -2413,6 +2483,26 @@ def out_of_memory_at_one(cfg: Config, where: str) -> RuntimeError:
     )
 
 
+def halve_on_out_of_memory(attempt, size: int, cfg: Config, where: str, what: str, clean_up=None) -> tuple:
+    """`attempt(size)`, tried again at half the size after each out-of-memory (is_out_of_memory), down to 1, where
+    it raises the error that names the level to step down to. Returns the result and the size that worked, which the
+    caller keeps for the batches after. The one out-of-memory policy of training, inference and the benchmarks.
+
+    `clean_up` (release_memory if None) runs after the failed attempt's exception is gone: until then the frames it
+    holds keep the attempt's tensors alive."""
+    while True:
+        try:
+            return attempt(size), size
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+        (clean_up or release_memory)()
+        if size == 1:
+            raise out_of_memory_at_one(cfg, f"{where} at {what} 1")
+        size //= 2
+        tqdm.write(f"out of memory {where}: {what} now {size}")
+
+
 def accumulate_gradients(model, batch: dict, micro_batch: int, scaler, autocast) -> float:
     """Forward and backward over one optimizer step's batch in micro-batches; returns the mean token loss.
 
@@ -2681,6 +2771,239 @@ def epochs_without_improvement(history: list[dict]) -> int:
     return len(accuracies) - 1 - accuracies.index(max(accuracies)) if accuracies else 0
 
 
+@dataclass
+class FoldRun:
+    """What one fold trains with, rebuilt on every run of it (fit's start_fold); the checkpoint holds the rest: the
+    TrainState, the adapter and the optimizer's, scheduler's and scaler's state."""
+
+    cfg: Config
+    fold: int
+    fold_dir: Path
+    model: object  # the base model with this fold's fresh LoRA adapter
+    processor: object
+    train_df: pd.DataFrame
+    dataset: VQADataset  # train_df's rows as the model reads them
+    collator: VQACollator
+    params: list  # the trainable (LoRA) parameters
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    autocast: object
+    budget: TimeBudget | None  # None: no time limit
+    tracker: Tracker | None = None
+    progress: object = None
+    bad_in_a_row: int = 0  # consecutive non-finite steps the GradScaler does not explain (counted afresh on resume)
+
+
+def make_optimizer(model, cfg: Config) -> tuple[list, torch.optim.Optimizer]:
+    """The trainable (LoRA) parameters and AdamW on them (the benchmarks take the same)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def mixed_precision(model, cfg: Config) -> tuple[torch.amp.GradScaler, object]:
+    """The GradScaler (on in fp16 only: bf16 and fp32 gradients do not underflow) and the compute dtype's autocast
+    (the benchmarks take the same)."""
+    device = input_device(model)
+    dtype = compute_dtype(cfg.precision)
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), autocast_context(device, dtype)
+
+
+def start_fold(
+    model, processor, train_df: pd.DataFrame, fold: int, cfg: Config, budget: TimeBudget | None, total_steps: int
+) -> FoldRun:
+    """The fold's folder, training data, optimizer, schedule and mixed precision, all fresh (resume_or_start restores
+    their state from a checkpoint)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    fold_dir = cfg.fold_dir(fold)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    images = pixel_budget(processor)
+    dataset = VQADataset(train_df, images, train=True, shuffle_options=cfg.shuffle_options, seed=cfg.seed)
+    params, optimizer = make_optimizer(model, cfg)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scaler, autocast = mixed_precision(model, cfg)
+    return FoldRun(
+        cfg=cfg,
+        fold=fold,
+        fold_dir=fold_dir,
+        model=model,
+        processor=processor,
+        train_df=train_df,
+        dataset=dataset,
+        collator=VQACollator(processor, train=True),
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        autocast=autocast,
+        budget=budget,
+    )
+
+
+def resume_or_start(run: FoldRun) -> TrainState:
+    """The state of the fold's newest readable checkpoint, with the adapter, optimizer, schedule, scaler and RNG
+    restored; a fresh state if there is none."""
+    cfg = run.cfg
+    resumed = load_checkpoint(run.fold_dir, run.model)
+    if resumed is None:
+        return TrainState(micro_batch=cfg.effective_batch if cfg.auto_micro_batch else cfg.batch_size)
+    run.optimizer.load_state_dict(resumed.pop("optimizer"))
+    run.scheduler.load_state_dict(resumed.pop("scheduler"))
+    run.scaler.load_state_dict(resumed.pop("scaler"))
+    state = TrainState(**resumed)
+    print(f"fold {run.fold}: resuming at epoch {state.epoch} step {state.step_in_epoch}")
+    return state
+
+
+def save_fold_checkpoint(run: FoldRun, state: TrainState) -> None:
+    """Everything resume_or_start needs to go on exactly from here."""
+    optimizers = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+    }
+    save_checkpoint(run.fold_dir, {**dataclasses.asdict(state), **optimizers}, run.model)
+
+
+def should_stop(state: TrainState, cfg: Config) -> bool:
+    return state.epoch >= cfg.epochs or state.stopped_early or state.stopped_for_time
+
+
+def train_epoch(run: FoldRun, state: TrainState) -> None:
+    """The epoch's optimizer steps from where `state` stands (a resumed epoch skips the batches it has trained on),
+    each logged and timed, with a checkpoint every cfg.save_every_steps. Stops at the step the time budget has no
+    room for (state.stopped_for_time)."""
+    cfg, budget = run.cfg, run.budget
+    seed = cfg.seed * 1000 + state.epoch  # a new order every epoch, the same one on resume
+    batches = length_grouped_batches(prompt_lengths(run.train_df), cfg.effective_batch, seed)
+    loader = make_loader(run.dataset, run.collator, batches[state.step_in_epoch :], cfg.num_workers)
+    run.model.train()
+    waited_from = now()
+    for batch in loader:
+        if budget is not None and not budget.can_train(cfg.effective_batch):
+            state.stopped_for_time = True
+            return
+        state.data_wait_seconds += now() - waited_from
+        loss = train_step(run, state, batch)
+
+        # -- log and checkpoint
+        lr = run.scheduler.get_last_lr()[0]
+        run.progress.update(1)
+        run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", mem=memory_summary())
+        run.tracker.log(state.global_step, {"train/loss": loss, "train/lr": lr})
+        if state.global_step % cfg.save_every_steps == 0:
+            save_fold_checkpoint(run, state)
+
+        # -- time: the wait for this batch and the step, for the time budget's estimates
+        step_ended = now()
+        state.train_seconds += step_ended - waited_from
+        MEASURED["train_samples"] += len(batch["labels"])
+        MEASURED["train_seconds"] += step_ended - waited_from
+        if budget is not None:
+            budget.report_once(state.step_in_epoch, len(loader), fold_samples=len(run.dataset) * cfg.epochs)
+        waited_from = step_ended
+
+
+def train_step(run: FoldRun, state: TrainState, batch: dict) -> float:
+    """One optimizer step over `batch`; returns its loss. Forward and backward halve the micro-batch on out-of-memory
+    (the effective batch stays). A non-finite loss or gradient skips the step, so it never reaches the weights; a run
+    of cfg.max_bad_steps of them that the GradScaler does not explain stops the fold (NonFiniteLossError)."""
+    cfg = run.cfg
+
+    # -- forward and backward
+    def backward(micro_batch: int) -> float:
+        return accumulate_gradients(run.model, batch, micro_batch, run.scaler, run.autocast)
+
+    def discard_gradients() -> None:
+        run.optimizer.zero_grad(set_to_none=True)
+        release_memory()
+
+    loss, state.micro_batch = halve_on_out_of_memory(
+        backward, state.micro_batch, cfg, "in training", "micro-batch", clean_up=discard_gradients
+    )
+
+    # -- optimizer step, skipped on a non-finite loss or gradient
+    grad_norm = math.nan
+    if math.isfinite(loss):
+        grad_norm = optimizer_step(run.optimizer, run.scaler, run.params, cfg.max_grad_norm)
+    stepped = math.isfinite(grad_norm)
+    unexplained = not math.isfinite(loss) or (not stepped and not run.scaler.is_enabled())  # not an fp16 overflow
+    if unexplained:
+        record_nonfinite(state, run.model, batch, run.train_df["id"], loss, grad_norm)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    state.skipped_steps += not stepped
+    run.bad_in_a_row = run.bad_in_a_row + 1 if unexplained else 0
+    if run.bad_in_a_row >= cfg.max_bad_steps:
+        raise too_many_nonfinite_steps(run, state)
+    state.losses.append(loss if math.isfinite(loss) else None)
+    state.global_step += 1
+    state.step_in_epoch += 1
+    return loss
+
+
+def too_many_nonfinite_steps(run: FoldRun, state: TrainState) -> NonFiniteLossError:
+    last_good = checkpoint_paths(run.fold_dir)[-1:] or ["none yet: the fold starts from scratch"]
+    return NonFiniteLossError(
+        f"fold {run.fold}: {run.bad_in_a_row} non-finite steps in a row at step {state.global_step} (rows and "
+        f"parameters: {state.nonfinite_steps[-1]}). No non-finite value reached the weights; the last good "
+        f"checkpoint is {last_good[0]}, and re-running resumes from it. Lower lr (now {run.cfg.lr}), or set "
+        "precision='fp32' in the Config cell."
+    )
+
+
+def validate(run: FoldRun, state: TrainState, val_df: pd.DataFrame) -> None:
+    """Score the validation rows at the end of an epoch; keep the adapter in fold_dir/best_adapter if it is the best
+    so far (by accuracy, then loss)."""
+    log_probs = letter_log_probs(run.model, run.processor, val_df, run.cfg)
+    metrics = validation_metrics(log_probs, val_df["answer"])
+    metrics.update(epoch=state.epoch + 1, step=state.global_step, skipped_steps=state.skipped_steps)
+    state.history.append(metrics)
+    run.tracker.log(state.global_step, {"val/accuracy": metrics["val_acc"], "val/loss": metrics["val_loss"]})
+    tqdm.write(
+        f"fold {run.fold} epoch {state.epoch + 1}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}"
+    )
+    if (metrics["val_acc"], -metrics["val_loss"]) > (state.best_accuracy, -state.best_loss):
+        state.best_accuracy, state.best_loss = metrics["val_acc"], metrics["val_loss"]
+        save_adapter(run.model, run.fold_dir / "best_adapter")
+
+
+def end_epoch(run: FoldRun, state: TrainState) -> None:
+    """Count the epoch, stop early after cfg.early_stopping_patience epochs without a better accuracy, checkpoint."""
+    cfg = run.cfg
+    state.epoch += 1
+    state.step_in_epoch = 0
+    patience = cfg.early_stopping_patience or math.inf
+    state.stopped_early = state.epoch < cfg.epochs and epochs_without_improvement(state.history) >= patience
+    if state.stopped_early:
+        tqdm.write(f"fold {run.fold}: stopped early, no better validation accuracy for {patience} epochs")
+    if state.stopped_for_time:
+        tqdm.write(f"fold {run.fold}: stopped at step {state.global_step}: the rest of the time budget is for scoring")
+    save_fold_checkpoint(run, state)
+
+
+def fold_summary(state: TrainState, fold: int) -> dict:
+    """result.json: the best metrics, the steps taken and skipped, time and memory, and the curves."""
+    return {
+        "fold": fold,
+        "best_val_acc": state.best_accuracy,
+        "best_val_loss": state.best_loss,
+        "skipped_steps": state.skipped_steps,
+        "optimizer_steps": state.global_step,
+        "micro_batch": state.micro_batch,
+        "epochs_trained": state.epoch,
+        "stopped_early": state.stopped_early,
+        "stopped_for_time": state.stopped_for_time,
+        "train_seconds": state.train_seconds,
+        "data_wait_seconds": state.data_wait_seconds,
+        "peak_gpu_gib": [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())],
+        "nonfinite_steps": state.nonfinite_steps,
+        "history": state.history,
+        "losses": state.losses,
+    }
+
+
 def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config, budget: TimeBudget | None = None) -> dict:
     """Train one fold's LoRA adapter; keep the adapter with the best validation accuracy in fold_dir/best_adapter.
 
@@ -2688,154 +3011,25 @@ def fit(model, processor, folds: pd.DataFrame, fold: int, cfg: Config, budget: T
     With a `budget`, training stops (validating what it has) when one more step would eat into the time that scoring
     needs, and the fold is finished as it stands.
     """
-    from transformers import get_cosine_schedule_with_warmup
-
-    fold_dir = cfg.fold_dir(fold)
-    fold_dir.mkdir(parents=True, exist_ok=True)
     train_df = folds[folds["fold"] != fold].reset_index(drop=True)
     val_df = folds[folds["fold"] == fold].reset_index(drop=True)
-    device = input_device(model)
-    dataset = VQADataset(train_df, cfg.image_size, train=True, shuffle_options=cfg.shuffle_options, seed=cfg.seed)
-    collator = VQACollator(processor, train=True)
-    lengths = prompt_lengths(train_df)
-    steps_per_epoch = math.ceil(len(train_df) / cfg.effective_batch)  # the last, partial batch is a step too
-    total_steps = steps_per_epoch * cfg.epochs
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    dtype = compute_dtype(cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = autocast_context(device, dtype)
-
-    # -- resume
-    state = TrainState(micro_batch=cfg.effective_batch if cfg.auto_micro_batch else cfg.batch_size)
-    resumed = load_checkpoint(fold_dir, model)
-    if resumed is not None:
-        optimizer.load_state_dict(resumed.pop("optimizer"))
-        scheduler.load_state_dict(resumed.pop("scheduler"))
-        scaler.load_state_dict(resumed.pop("scaler"))
-        state = TrainState(**resumed)
-        print(f"fold {fold}: resuming at epoch {state.epoch} step {state.step_in_epoch}")
-
-    def checkpoint():
-        extra = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-        }
-        save_checkpoint(fold_dir, {**dataclasses.asdict(state), **extra}, model)
+    total_steps = math.ceil(len(train_df) / cfg.effective_batch) * cfg.epochs  # an epoch's partial batch is a step
+    run = start_fold(model, processor, train_df, fold, cfg, budget, total_steps)
+    state = resume_or_start(run)
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    tracker = Tracker(cfg, fold)
-    bad_in_a_row = 0
-    progress = progress_bar(total=total_steps, initial=state.global_step, desc=f"fold {fold}", dynamic_ncols=True)
-    while state.epoch < cfg.epochs and not (state.stopped_early or state.stopped_for_time):
-        epoch = state.epoch
-        batches = length_grouped_batches(lengths, cfg.effective_batch, seed=cfg.seed * 1000 + epoch)
-        loader = make_loader(dataset, collator, batches[state.step_in_epoch :], cfg.num_workers)
-        model.train()
-        waited_from = now()
-        for batch in loader:
-            if budget is not None and not budget.can_train(cfg.effective_batch):
-                state.stopped_for_time = True
-                break
-            step_started = now()
-            state.data_wait_seconds += step_started - waited_from
-            # -- forward/backward, halving the micro-batch on out-of-memory (effective batch unchanged)
-            while True:
-                try:
-                    loss = accumulate_gradients(model, batch, state.micro_batch, scaler, autocast)
-                    break
-                except RuntimeError as error:
-                    if not is_out_of_memory(error):
-                        raise
-                    optimizer.zero_grad(set_to_none=True)
-                    release_memory()
-                    if state.micro_batch == 1:
-                        raise out_of_memory_at_one(cfg, "at micro-batch 1") from None
-                    state.micro_batch //= 2
-                    tqdm.write(f"out of memory: micro-batch now {state.micro_batch}, gradient accumulation doubled")
+    run.tracker = Tracker(cfg, fold)
+    run.progress = progress_bar(total=total_steps, initial=state.global_step, desc=f"fold {fold}", dynamic_ncols=True)
+    while not should_stop(state, cfg):
+        train_epoch(run, state)
+        validate(run, state, val_df)  # what it has, also when the time budget stopped the epoch
+        end_epoch(run, state)
+    run.progress.close()
+    run.tracker.close()
 
-            # -- optimizer step; a non-finite loss or gradient is skipped, never trained on
-            grad_norm = math.nan
-            if math.isfinite(loss):
-                grad_norm = optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
-            stepped = math.isfinite(grad_norm)
-            unexplained = not math.isfinite(loss) or (not stepped and not scaler.is_enabled())  # not an fp16 overflow
-            if unexplained:
-                record_nonfinite(state, model, batch, train_df["id"], loss, grad_norm)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.skipped_steps += not stepped
-            bad_in_a_row = bad_in_a_row + 1 if unexplained else 0
-            if bad_in_a_row >= cfg.max_bad_steps:
-                last_good = checkpoint_paths(fold_dir)[-1:] or ["none yet: the fold starts from scratch"]
-                raise NonFiniteLossError(
-                    f"fold {fold}: {bad_in_a_row} non-finite steps in a row at step {state.global_step} (rows and "
-                    f"parameters: {state.nonfinite_steps[-1]}). No non-finite value reached the weights; the last good "
-                    f"checkpoint is {last_good[0]}, and re-running resumes from it. Lower lr (now {cfg.lr}), or set "
-                    "precision='fp32' in the Config cell."
-                )
-            state.losses.append(loss if math.isfinite(loss) else None)
-            state.global_step += 1
-            state.step_in_epoch += 1
-
-            # -- log and checkpoint
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mem=memory_summary())
-            tracker.log(state.global_step, {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0]})
-            if state.global_step % cfg.save_every_steps == 0:
-                checkpoint()
-            step_ended = now()
-            state.train_seconds += step_ended - waited_from  # the wait for this batch and the step
-            MEASURED["train_samples"] += len(batch["labels"])
-            MEASURED["train_seconds"] += step_ended - waited_from
-            if budget is not None:
-                budget.report_once(state.step_in_epoch, len(loader), fold_samples=len(dataset) * cfg.epochs)
-            waited_from = step_ended
-
-        # -- validate at epoch end, keep the best adapter
-        log_probs = letter_log_probs(model, processor, val_df, cfg)
-        metrics = validation_metrics(log_probs, val_df["answer"])
-        metrics.update(epoch=epoch + 1, step=state.global_step, skipped_steps=state.skipped_steps)
-        state.history.append(metrics)
-        tracker.log(state.global_step, {"val/accuracy": metrics["val_acc"], "val/loss": metrics["val_loss"]})
-        tqdm.write(
-            f"fold {fold} epoch {epoch + 1}: val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}"
-        )
-        if (metrics["val_acc"], -metrics["val_loss"]) > (state.best_accuracy, -state.best_loss):
-            state.best_accuracy, state.best_loss = metrics["val_acc"], metrics["val_loss"]
-            save_adapter(model, fold_dir / "best_adapter")
-        state.epoch += 1
-        state.step_in_epoch = 0
-        patience = cfg.early_stopping_patience or math.inf
-        state.stopped_early = state.epoch < cfg.epochs and epochs_without_improvement(state.history) >= patience
-        if state.stopped_early:
-            tqdm.write(f"fold {fold}: stopped early, no better validation accuracy for {patience} epochs")
-        if state.stopped_for_time:
-            tqdm.write(f"fold {fold}: stopped at step {state.global_step}: the rest of the time budget is for scoring")
-        checkpoint()
-    progress.close()
-    tracker.close()
-
-    result = {"fold": fold, "best_val_acc": state.best_accuracy, "best_val_loss": state.best_loss}
-    result.update(
-        skipped_steps=state.skipped_steps,
-        optimizer_steps=state.global_step,
-        micro_batch=state.micro_batch,
-        epochs_trained=state.epoch,
-        stopped_early=state.stopped_early,
-        stopped_for_time=state.stopped_for_time,
-        train_seconds=state.train_seconds,
-        data_wait_seconds=state.data_wait_seconds,
-        peak_gpu_gib=[torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())],
-        nonfinite_steps=state.nonfinite_steps,
-        history=state.history,
-        losses=state.losses,
-    )
-    atomic_write_text(fold_dir / "result.json", json.dumps(result, indent=2))
+    result = fold_summary(state, fold)
+    atomic_write_text(run.fold_dir / "result.json", json.dumps(result, indent=2))
     release_memory()
     return result
 
@@ -3040,7 +3234,7 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     was_training = model.training
     model.eval()
     device = input_device(model)
-    dataset = VQADataset(df, cfg.image_size, train=False)
+    dataset = VQADataset(df, pixel_budget(processor), train=False)
     dataset.order = order
     collator = VQACollator(processor, train=False)
     letter_ids = torch.tensor(letter_token_ids(processor.tokenizer))
@@ -3049,23 +3243,17 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     micro = cfg.eval_batch_size  # halved on out-of-memory, and kept for the batches after
     dtype = compute_dtype(cfg.precision)
     autocast = autocast_context(device, dtype) if dtype == torch.float16 else contextlib.nullcontext
+
+    def score(batch: dict, size: int) -> None:
+        """The batch's letter scores into `out`, `size` rows a forward pass."""
+        for chunk in split_batch(batch, size):
+            with autocast():
+                logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
+            out[chunk["index"]] = logits.float().log_softmax(-1)[:, letter_ids.to(logits.device)].cpu()
+
     started = now()
     for batch in progress_bar(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
-        while True:
-            try:
-                for chunk in split_batch(batch, micro):
-                    with autocast():
-                        logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
-                    out[chunk["index"]] = logits.float().log_softmax(-1)[:, letter_ids.to(logits.device)].cpu()
-                break
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
-                release_memory()
-                if micro == 1:
-                    raise out_of_memory_at_one(cfg, "in inference at batch size 1") from None
-                micro //= 2
-                tqdm.write(f"out of memory in inference: batch size now {micro}")
+        _, micro = halve_on_out_of_memory(functools.partial(score, batch), micro, cfg, "in inference", "batch size")
     model.train(was_training)
     MEASURED["score_rows"] += len(df)
     MEASURED["score_seconds"] += now() - started

@@ -27,10 +27,10 @@ from common import helpers
 GOAL_SPEEDUP = 15.0
 
 
-def generate_one(model, processor, row: dict, image_size: int, letter_ids: list[int]) -> tuple[str | None, np.ndarray]:
+def generate_one(model, processor, row: dict, letter_ids: list[int]) -> tuple[str | None, np.ndarray]:
     """The original notebooks' loop body: one sample in, a parsed letter out (plus the first step's letter scores)."""
     device = helpers.input_device(model)
-    image = helpers.load_image(row["image_path"], image_size)
+    image = helpers.load_image(row["image_path"], helpers.pixel_budget(processor))
     text = processor.apply_chat_template(helpers.build_messages(row), tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], images=[image], return_tensors="pt").to(device)
     out = model.generate(
@@ -56,13 +56,13 @@ def original_way(model, processor, df, cfg, warmup: int) -> dict:
     model.eval()
     with torch.no_grad(), common.image_by_image_vision_attention(model):
         for row in rows[:warmup]:
-            generate_one(model, processor, row, cfg.image_size, letter_ids)
+            generate_one(model, processor, row, letter_ids)
         common.sync()
         common.reset_peak()
         letters, scores, seconds = [], [], []
         for row in rows:
             start = time.perf_counter()
-            letter, first_step = generate_one(model, processor, row, cfg.image_size, letter_ids)
+            letter, first_step = generate_one(model, processor, row, letter_ids)
             common.sync()
             seconds.append(time.perf_counter() - start)
             letters.append(letter)
@@ -113,7 +113,7 @@ def bench_model(name: str, args, df, workdir: Path) -> dict:
     path, checkpoint = common.build_random_checkpoint(name, workdir)
     model, processor, cfg, load_s = common.load(path, workdir, image_size=args.image_size)
     weights_gib = common.allocated_gib()
-    lengths = common.token_lengths(processor, df, cfg.image_size, train=False)
+    lengths = common.token_lengths(processor, df, train=False)
     common.log(f"{name}: prompt tokens {common.length_stats(lengths)}")
 
     original_rows = df.head(args.original_rows or len(df))

@@ -203,17 +203,13 @@ def weights_report(model, layers: int) -> dict:
 
 
 class QLoRAStep:
-    """One optimizer step as helpers.fit takes it (micro-batch 1): AdamW on the LoRA weights, GradScaler, autocast,
-    helpers.optimizer_step (unscale, clip, skip a non-finite gradient)."""
+    """One optimizer step as helpers.fit takes it (micro-batch 1): its AdamW, GradScaler and autocast
+    (make_optimizer, mixed_precision) and helpers.optimizer_step (unscale, clip, skip a non-finite gradient)."""
 
     def __init__(self, model, batch: dict, cfg: helpers.Config):
-        device = helpers.input_device(model)
-        dtype = helpers.compute_dtype(cfg.precision)
         self.model, self.batch, self.max_grad_norm = model, batch, cfg.max_grad_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.autocast = helpers.autocast_context(device, dtype)
+        self.params, self.optimizer = helpers.make_optimizer(model, cfg)
+        self.scaler, self.autocast = helpers.mixed_precision(model, cfg)
 
     def __call__(self) -> float:
         loss = helpers.accumulate_gradients(self.model, self.batch, 1, self.scaler, self.autocast)
@@ -228,10 +224,10 @@ def training_steps(base, processor, rows, checkpoint: Path, workdir: Path, steps
     results = {}
     for level in helpers.MEMORY_LEVELS:
         cfg = helpers.Config(profile=level, model_id=str(checkpoint), output_dir=str(workdir / "out"))
-        common.set_image_size(processor, cfg.image_size)
+        budget = helpers.set_pixel_budget(processor, cfg.image_size)
         model = helpers.attach_lora(base, cfg)  # each level's rank
         model.train()
-        dataset = helpers.VQADataset(longest, cfg.image_size, train=True)
+        dataset = helpers.VQADataset(longest, budget, train=True)
         batch = helpers.VQACollator(processor, train=True)([dataset[0]])
         step = QLoRAStep(model, batch, cfg)
         step()  # warm-up: kernels, allocator, optimizer state

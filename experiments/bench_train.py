@@ -31,7 +31,7 @@ from PIL import Image
 
 GOAL_SPEEDUP = 3.0
 EFFECTIVE_BATCH = 16
-MICRO_BATCHES = (16, 8, 4, 2, 1)  # tried in this order; the first that runs without out-of-memory is kept
+MICRO_BATCHES = (16, 8, 4, 2, 1)  # halved on out-of-memory as in helpers.fit; the first that runs is kept
 ORIGINAL_MAX_LENGTH = 1024  # the original collator's truncation length (never reached by these rows)
 MFU_FORMULA = (
     "MFU = 6 * decoder_params * tokens_per_s / (peak_tflops * 1e12). decoder_params: the language model's decoder "
@@ -47,15 +47,11 @@ MFU_FORMULA = (
 
 
 class Optimizer:
-    """AdamW on the trainable (LoRA) parameters, with helpers.fit's scaler, clipping and autocast."""
+    """helpers.fit's AdamW, GradScaler, autocast and optimizer step (with its clipping)."""
 
     def __init__(self, model, cfg: helpers.Config):
-        device = helpers.input_device(model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        dtype = helpers.compute_dtype(cfg.precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.autocast = helpers.autocast_context(device, dtype)
+        self.params, self.optimizer = helpers.make_optimizer(model, cfg)
+        self.scaler, self.autocast = helpers.mixed_precision(model, cfg)
         self.max_grad_norm = cfg.max_grad_norm
 
     def step(self) -> None:
@@ -184,7 +180,7 @@ def project_step(model, dataset, collator, indices: list[int], micro_batch: int,
 
 
 def project_way(model, processor, cfg, df, batches, steps: int, micro_batch: int, info: dict, tflops) -> dict:
-    dataset = helpers.VQADataset(df, cfg.image_size, train=True)
+    dataset = helpers.VQADataset(df, helpers.pixel_budget(processor), train=True)
     collator = helpers.VQACollator(processor, train=True)
     opt = Optimizer(model, cfg)
     model.train()
@@ -201,23 +197,16 @@ def project_way(model, processor, cfg, df, batches, steps: int, micro_batch: int
 
 
 def project_way_auto(model, processor, cfg, df, batches, steps: int, info: dict, tflops) -> dict:
-    """The largest micro-batch that runs the warm-up and timed steps without out-of-memory (effective batch 16)."""
-    tried = {}
-    for micro_batch in MICRO_BATCHES:
-        oom = False
-        try:
-            result = project_way(model, processor, cfg, df, batches, steps, micro_batch, info, tflops)
-        except Exception as error:
-            if not helpers.is_out_of_memory(error):
-                raise
-            oom = True  # cleaned up below, once the exception (and the tensors its frames hold) is gone
-        if not oom:
-            tried[micro_batch] = "ok"
-            return {**result, "micro_batches_tried": tried}
-        tried[micro_batch] = "out of memory"
-        helpers.release_memory()
-        common.log(f"  micro-batch {micro_batch}: out of memory, trying a smaller one")
-    raise RuntimeError(f"out of memory at every micro-batch: {tried}")
+    """The largest micro-batch that runs the warm-up and timed steps without out-of-memory (effective batch 16): from
+    16 down, halving on out-of-memory as helpers.fit does."""
+
+    def attempt(micro_batch: int) -> dict:
+        common.log(f"  micro-batch {micro_batch}")
+        return project_way(model, processor, cfg, df, batches, steps, micro_batch, info, tflops)
+
+    result, micro_batch = helpers.halve_on_out_of_memory(attempt, MICRO_BATCHES[0], cfg, "in training", "micro-batch")
+    tried = {m: "out of memory" for m in MICRO_BATCHES if m > micro_batch}
+    return {**result, "micro_batches_tried": {**tried, micro_batch: "ok"}}
 
 
 # -- Memory levels ----------------------------------------------------------------------------------------------------
@@ -233,10 +222,10 @@ def memory_levels(model, processor, df, checkpoint: Path, workdir: Path, cap: fl
     levels = {}
     for level in helpers.MEMORY_LEVELS:
         cfg = helpers.Config(profile=level, model_id=str(checkpoint), output_dir=str(workdir / "out"))
-        common.set_image_size(processor, cfg.image_size)
+        budget = helpers.set_pixel_budget(processor, cfg.image_size)
         model = helpers.attach_lora(helpers.detach_lora(model), cfg)
         model.train()
-        dataset = helpers.VQADataset(df, cfg.image_size, train=True)
+        dataset = helpers.VQADataset(df, budget, train=True)
         collator = helpers.VQACollator(processor, train=True)
         indices = [int(i) for i in longest[: 2 * cfg.batch_size]]
         opt = Optimizer(model, cfg)

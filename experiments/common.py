@@ -225,18 +225,13 @@ def image_by_image_vision_attention(model):
         helpers.batch_vision_attention(model)
 
 
-def set_image_size(processor, image_size: int) -> None:
-    """What load_model_and_processor does for cfg.image_size (needed to switch memory levels on a loaded model)."""
-    processor.image_processor.size = {"shortest_edge": 32 * 32, "longest_edge": image_size * image_size}
-
-
 # -- Synthetic rows -------------------------------------------------------------------------------------------------
 
 
 def synthetic_rows(n: int, workdir: Path, image_px: int = 512, seed: int = 0) -> pd.DataFrame:
     """`n` rows cycled from the sample train set, images upscaled to image_px (64 px ones would give ~4 vision tokens).
 
-    512 px covers every memory level: helpers.load_image shrinks (never enlarges) to each level's image_size.
+    512 px covers every memory level: helpers.load_image shrinks a square one to image_size x image_size at each.
     Questions get 0-3 context sentences so that lengths vary like real ones (and length sorting has work to do).
     """
     train, _, _ = helpers.load_competition_data(ROOT / "data")
@@ -257,9 +252,9 @@ def synthetic_rows(n: int, workdir: Path, image_px: int = 512, seed: int = 0) ->
     return pd.DataFrame(rows)
 
 
-def token_lengths(processor, df: pd.DataFrame, image_size: int, train: bool) -> np.ndarray:
+def token_lengths(processor, df: pd.DataFrame, train: bool) -> np.ndarray:
     """Tokens per row (text and vision) as the collator builds them."""
-    dataset = helpers.VQADataset(df, image_size, train=train)
+    dataset = helpers.VQADataset(df, helpers.pixel_budget(processor), train=train)
     collator = helpers.VQACollator(processor, train=train)
     lengths = []
     for lo in range(0, len(df), 16):

@@ -25,7 +25,7 @@ from common import helpers
 
 def loader_only(processor, df, cfg, workers: int) -> tuple[float, float]:
     """Seconds to the first batch and for the whole pass of the input pipeline alone."""
-    dataset = helpers.VQADataset(df, cfg.image_size, train=False)
+    dataset = helpers.VQADataset(df, helpers.pixel_budget(processor), train=False)
     collator = helpers.VQACollator(processor, train=False)
     start = time.perf_counter()
     first = None
@@ -102,7 +102,7 @@ def main() -> None:
                 processor, df, cfg, workers
             )
             common.log(f"{name}: loader only, {workers} workers: {r[f'loader_s_workers{workers}']:.2f} s")
-        dataset = helpers.VQADataset(df, cfg.image_size, train=False)
+        dataset = helpers.VQADataset(df, helpers.pixel_budget(processor), train=False)
         collator = helpers.VQACollator(processor, train=False)
         batches = [collator([dataset[i] for i in b]) for b in helpers.length_sorted_batches(df, args.batch_size)]
         r["tokens_per_batch"] = [int(b["input_ids"].numel()) for b in batches]

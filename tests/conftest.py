@@ -11,6 +11,9 @@ sys.path.insert(0, str(ROOT))
 import helpers  # noqa: E402
 
 ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# How the smoke profile sizes images with the tiny Qwen3-VL (helpers.set_pixel_budget): at most 64 x 64 pixels, at
+# least its processor's 32 x 32, sides multiples of its 16-pixel patches merged 2 x 2.
+SMOKE_BUDGET = helpers.PixelBudget(max_pixels=64 * 64, min_pixels=32 * 32, factor=32)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SMOKE_BUDGET
 
 import helpers
 
@@ -89,7 +90,7 @@ def test_variant_report_scores_each_row_by_its_own_fold(planted):
 
 def test_shuffled_options_keep_the_answer_on_the_same_text(sample_data):
     train = sample_data[0].head(40).reset_index(drop=True)
-    dataset = helpers.VQADataset(train, 64, train=True, shuffle_options=True, seed=3)
+    dataset = helpers.VQADataset(train, SMOKE_BUDGET, train=True, shuffle_options=True, seed=3)
     moved = 0
     for i in range(len(train)):
         item = dataset[i]

@@ -1,3 +1,6 @@
+import dataclasses
+import json
+
 import pytest
 
 import helpers
@@ -44,9 +47,16 @@ def test_auto_profile_picks_smoke_without_gpu(monkeypatch):
 
 
 def test_config_round_trips_through_json(tmp_path):
-    cfg = helpers.Config(profile="safe", output_dir=str(tmp_path))
+    """config.json holds every field with its value: a Config built from the file equals the one saved (JSON has no
+    tuples, so lists are read back as the tuples they were; time_budget_hours may be Infinity)."""
+    cfg = helpers.Config(
+        profile="balanced", output_dir=str(tmp_path), train_folds=(0, 2), lora_r=4, precision="fp16", report_to="wandb"
+    )
     cfg.save(tmp_path / "config.json")
-    assert '"profile": "safe"' in (tmp_path / "config.json").read_text()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert set(saved) == {field.name for field in dataclasses.fields(helpers.Config)}
+    loaded = helpers.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    assert loaded == cfg
 
 
 def test_find_data_dir_prefers_explicit_then_local(tmp_path, sample_dir):

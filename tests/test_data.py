@@ -118,9 +118,10 @@ def test_awkward_images_pass_the_check(data_copy):
     exif[0x0112] = 6
     image.save(data_copy / paths[2], exif=exif)
     train = helpers.load_competition_data(data_copy, image_size=512)[0]
-    assert helpers.load_image(train["image_path"][0], 512).size == (512, 6)  # 512 x 2, padded to a ratio of 85
-    assert 120 < np.asarray(helpers.load_image(train["image_path"][1], 512)).mean() < 135  # not all white
-    assert helpers.load_image(train["image_path"][2], 512).size == (32, 64)
+    budget = helpers.data_check_budget(512)  # the check's: 28-pixel patches (qwen-vl-utils' default)
+    assert helpers.load_image(train["image_path"][0], budget).size == (2996, 28)  # padded to 3000 x 30, one patch high
+    assert 120 < np.asarray(helpers.load_image(train["image_path"][1], budget)).mean() < 135  # not all white
+    assert helpers.load_image(train["image_path"][2], budget).size == (56, 84)  # upright 32 x 64, up to 4 patches
 
 
 def test_utf16_csvs_are_read(data_copy):

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 import torch
-from conftest import ARCHS
+from conftest import ARCHS, SMOKE_BUDGET
 from transformers import AutoProcessor
 
 import helpers
@@ -23,7 +23,8 @@ def test_labels_cover_exactly_the_answer_and_im_end(arch, tiny_model_dirs, rows)
     assert decoded == [f"{a}<|im_end|>" for a in rows["answer"]]
 
     # the newline after <|im_end|> is the last token, and it is not labelled
-    batch = helpers.VQACollator(processor, train=True)([helpers.VQADataset(rows, 64, train=True)[0]])
+    dataset = helpers.VQADataset(rows, helpers.pixel_budget(processor), train=True)
+    batch = helpers.VQACollator(processor, train=True)([dataset[0]])
     newline = processor.tokenizer.encode("\n", add_special_tokens=False)
     assert batch["input_ids"][0, -1].item() == newline[-1] and batch["labels"][0, -1].item() == -100
     assert (batch["labels"] != -100).sum().item() == 2
@@ -32,7 +33,7 @@ def test_labels_cover_exactly_the_answer_and_im_end(arch, tiny_model_dirs, rows)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_inference_batch_is_left_padded_and_ends_with_the_generation_prompt(arch, tiny_model_dirs, rows):
     processor = AutoProcessor.from_pretrained(tiny_model_dirs[arch])
-    dataset = helpers.VQADataset(rows, 64, train=False)
+    dataset = helpers.VQADataset(rows, helpers.pixel_budget(processor), train=False)
     collator = helpers.VQACollator(processor, train=False)
     batch = collator([dataset[i] for i in range(len(rows))])
     header = collator.header_ids
@@ -84,7 +85,7 @@ def test_prompt_has_question_options_hint_and_instruction(rows):
 
 
 def test_shuffled_options_remap_the_answer(rows):
-    dataset = helpers.VQADataset(rows, 64, train=True, shuffle_options=True, seed=3)
+    dataset = helpers.VQADataset(rows, SMOKE_BUDGET, train=True, shuffle_options=True, seed=3)
     for i, row in enumerate(rows.to_dict("records")):
         messages = dataset[i]["messages"]
         answer = messages[-1]["content"][0]["text"]
@@ -95,7 +96,7 @@ def test_shuffled_options_remap_the_answer(rows):
 
 def test_split_batch_slices_rows_patches_and_padding(tiny_model_dirs, rows):
     processor = AutoProcessor.from_pretrained(tiny_model_dirs["qwen3_vl"])
-    dataset = helpers.VQADataset(rows, 64, train=True)
+    dataset = helpers.VQADataset(rows, helpers.pixel_budget(processor), train=True)
     batch = helpers.VQACollator(processor, train=True)([dataset[i] for i in range(len(rows))])
     chunks = helpers.split_batch(batch, 4)
     assert [len(c["index"]) for c in chunks] == [4, 2]

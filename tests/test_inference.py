@@ -58,7 +58,7 @@ def test_qwen3_5_letter_scores_equal_a_manual_forward_of_each_row(tiny_model_dir
     cfg.eval_batch_size = 3
     scored = helpers.position_log_probs(model, processor, rows, cfg)
 
-    dataset = helpers.VQADataset(rows, cfg.image_size, train=False)
+    dataset = helpers.VQADataset(rows, helpers.pixel_budget(processor), train=False)
     collator = helpers.VQACollator(processor, train=False)
     assert not collator([dataset[i] for i in range(len(rows))])["attention_mask"].all()  # the batch is padded
     letters = helpers.letter_token_ids(processor.tokenizer)

@@ -24,7 +24,7 @@ def cfg_for(arch, tiny_model_dirs, tmp_path, **overrides):
 
 
 def one_batch(processor, rows, train=True):
-    dataset = helpers.VQADataset(rows, 64, train=train)
+    dataset = helpers.VQADataset(rows, helpers.pixel_budget(processor), train=train)
     return helpers.VQACollator(processor, train=train)([dataset[i] for i in range(len(rows))])
 
 

@@ -25,7 +25,7 @@ def cfg_for(model_id, tmp_path, **overrides):
 
 
 def one_batch(processor, rows, train):
-    dataset = helpers.VQADataset(rows, 64, train=train)
+    dataset = helpers.VQADataset(rows, helpers.pixel_budget(processor), train=train)
     return helpers.VQACollator(processor, train=train)([dataset[i] for i in range(len(rows))])
 
 

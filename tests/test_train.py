@@ -102,6 +102,40 @@ def test_out_of_memory_at_micro_batch_one_names_the_next_level(small, monkeypatc
         helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
 
 
+def test_one_out_of_memory_policy_halves_down_to_one_then_names_the_level():
+    """halve_on_out_of_memory, which training, inference and the benchmarks share: a cuBLAS allocation failure counts
+    as out-of-memory too; each failure is cleaned up before the next try; any other error is not retried."""
+    cfg = helpers.Config(profile="high")
+    tried, cleaned = [], []
+
+    def attempt(size):
+        tried.append(size)
+        if size > 2:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        return f"ran at {size}"
+
+    def clean_up():
+        cleaned.append(tried[-1])
+
+    result = helpers.halve_on_out_of_memory(attempt, 16, cfg, "in training", "micro-batch", clean_up=clean_up)
+    assert result == ("ran at 2", 2) and tried == [16, 8, 4, 2] and cleaned == [16, 8, 4]
+
+    def always(size):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match=r"in inference at batch size 1 \(image_size 512\).*profile to 'balanced'"):
+        helpers.halve_on_out_of_memory(always, 4, cfg, "in inference", "batch size", clean_up=clean_up)
+    tried.clear()
+
+    def broken(size):
+        tried.append(size)
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        helpers.halve_on_out_of_memory(broken, 4, cfg, "in training", "micro-batch", clean_up=clean_up)
+    assert tried == [4]  # tried once
+
+
 def test_a_non_finite_loss_is_skipped_and_counted(small, monkeypatch):
     cfg, folds, model, processor = small
     cfg.epochs = 1
