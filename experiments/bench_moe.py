@@ -324,7 +324,7 @@ def main() -> None:
     helpers.seed_everything(0)
 
     started = time.perf_counter()
-    template = helpers.build_tiny_model(workdir / "tiny-moe-template", "qwen3_vl_moe")
+    template = common.make_tiny_model.build_tiny_model(workdir / "tiny-moe-template", "qwen3_vl_moe")
     config = moe_config(template, args.layers, args.tiny)
     name = "tiny" if args.tiny else f"{args.layers}-layers"
     checkpoint = workdir / f"qwen3-vl-30b-a3b-random-{name}"

@@ -24,6 +24,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+
+import make_tiny_model  # noqa: E402 (data/make_tiny_model.py: the tiny configs and processors)
 
 import helpers  # noqa: E402
 
@@ -170,7 +173,7 @@ def build_random_checkpoint(name: str, workdir: Path) -> tuple[Path, dict]:
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-    template_dir = helpers.build_tiny_model(workdir / "tiny-template", "qwen3_vl")
+    template_dir = make_tiny_model.build_tiny_model(workdir / "tiny-template", "qwen3_vl")
     config = real_size_config(name, template_dir)
     out = workdir / f"qwen3-vl-{name}-random"
     info = {"hub_id": SIZES[name]["hub_id"], "path": str(out), "decoder_params": decoder_params(config.text_config)}

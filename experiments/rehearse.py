@@ -57,7 +57,7 @@ def random_checkpoint(model: str, workdir: Path) -> Path:
         return common.build_random_checkpoint(model, workdir)[0]
     import bench_moe
 
-    template = helpers.build_tiny_model(workdir / "tiny-moe-template", "qwen3_vl_moe")
+    template = common.make_tiny_model.build_tiny_model(workdir / "tiny-moe-template", "qwen3_vl_moe")
     out = workdir / "qwen3-vl-30b-a3b-random"
     bench_moe.build_checkpoint(bench_moe.moe_config(template, bench_moe.REAL_LAYERS, tiny=False), template, out)
     return out
@@ -164,7 +164,7 @@ def main() -> None:
 
     started = time.perf_counter()
     data_dir = competition_folder(workdir, args.train_rows, args.test_rows)
-    model_id = "tiny:qwen3_vl" if tiny else str(random_checkpoint(args.model, workdir))
+    model_id = helpers.SMOKE_MODEL if tiny else str(random_checkpoint(args.model, workdir))
     prepare_s = time.perf_counter() - started
     if args.prepare_only:
         common.log(f"prepared {data_dir} and {model_id} in {prepare_s:.0f} s")

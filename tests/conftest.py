@@ -7,6 +7,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "data"))
+
+import make_tiny_model  # noqa: E402 (data/make_tiny_model.py)
 
 import helpers  # noqa: E402
 
@@ -29,7 +32,7 @@ def sample_data(sample_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: helpers.build_tiny_model(root / arch, arch) for arch in ARCHS}
+    return {arch: make_tiny_model.build_tiny_model(root / arch, arch) for arch in ARCHS}
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@ import dataclasses
 import json
 
 import pytest
+from conftest import ROOT
 
 import helpers
 
@@ -19,7 +20,7 @@ def test_explicit_values_beat_the_level():
 
 def test_smoke_profile_uses_the_tiny_model_on_cpu_settings():
     cfg = helpers.Config(profile="smoke")
-    assert cfg.model_id == "tiny:qwen3_vl" and cfg.n_folds == 2 and cfg.image_size == 64
+    assert cfg.model_id == "data/tiny-qwen3-vl" and cfg.n_folds == 2 and cfg.image_size == 64
     assert helpers.Config(profile="smoke", epochs=2, n_folds=5).epochs == 2  # explicit values still win
 
 
@@ -72,3 +73,16 @@ def test_find_local_model_matches_kaggle_layout(tmp_path):
     assert helpers.find_local_model("Qwen/Qwen3-VL-8B-Instruct", roots=(str(tmp_path),)) == str(folder)
     other = "Qwen/Qwen2.5-VL-7B-Instruct"
     assert helpers.find_local_model(other, roots=(str(tmp_path),)) == other
+
+
+def test_smoke_model_is_found_beside_helpers_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # papermill or Kaggle: the working directory is not the repository
+    found = helpers.find_local_model(helpers.SMOKE_MODEL, roots=())
+    assert found == str(ROOT / "data" / "tiny-qwen3-vl")
+
+
+def test_missing_smoke_model_says_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(helpers, "__file__", str(tmp_path / "lib" / "helpers.py"))  # helpers attached without data/
+    with pytest.raises(FileNotFoundError, match=r"python data/make_tiny_model.py --arch qwen3_vl --seed 42 --out"):
+        helpers.find_local_model(helpers.SMOKE_MODEL, roots=(str(tmp_path),))

@@ -2,6 +2,7 @@
 
 import hashlib
 
+import make_tiny_model
 import pytest
 import torch
 from conftest import ARCHS, SMOKE_BUDGET
@@ -73,7 +74,7 @@ def test_qwen3_5_prompt_closes_the_thinking_block(tiny_model_dirs, rows):
 
 def test_qwen3_5_chat_template_is_the_published_one():
     """Verbatim: the SHA-256 of mlx-community/Qwen3.5-35B-A3B-4bit's chat_template.jinja."""
-    digest = hashlib.sha256(helpers.QWEN3_5_CHAT_TEMPLATE.encode()).hexdigest()
+    digest = hashlib.sha256(make_tiny_model.QWEN3_5_CHAT_TEMPLATE.encode()).hexdigest()
     assert digest == "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715"
 
 

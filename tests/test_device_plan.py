@@ -3,6 +3,7 @@
 import sys
 from collections import Counter
 
+import make_tiny_model
 import pytest
 import torch
 from conftest import ROOT
@@ -26,7 +27,7 @@ def nf4(dtype=torch.float16):
 @pytest.fixture(scope="module")
 def qwen3_vl_30b(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("30b")
-    template = helpers.build_tiny_model(root / "template", "qwen3_vl_moe")
+    template = make_tiny_model.build_tiny_model(root / "template", "qwen3_vl_moe")
     bench_moe.moe_config(template, bench_moe.REAL_LAYERS, tiny=False).save_pretrained(root / "config")
     return str(root / "config")
 

@@ -70,7 +70,7 @@ def test_another_fold_count_stops(tmp_path, train):
     "change, listed",
     [
         (dict(image_size=96), "image_size: 64 -> 96"),
-        (dict(model_id="tiny:qwen2_5_vl"), "model_id: 'tiny:qwen3_vl' -> 'tiny:qwen2_5_vl'"),
+        (dict(model_id="Qwen/Qwen3-VL-2B-Instruct"), "model_id: 'data/tiny-qwen3-vl' -> 'Qwen/Qwen3-VL-2B-Instruct'"),
         (dict(lr=1e-3), "lr: 0.002 -> 0.001"),
         (dict(lora_r=8), "lora_r: 16 -> 8; lora_alpha: 32 -> 16"),
         (dict(lora_targets=("q_proj", "v_proj")), "lora_targets: ['q_proj', 'k_proj'"),

@@ -2,11 +2,13 @@
 
 import json
 
+import make_tiny_model
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHS
+from conftest import ARCHS, ROOT
 from PIL import Image
+from safetensors.torch import load_file
 
 import helpers
 
@@ -40,8 +42,21 @@ def test_tiny_model_loads_back_through_the_user_path(arch, tiny_model_dirs, tmp_
 def test_build_tiny_model_is_idempotent(tiny_model_dirs):
     path = tiny_model_dirs["qwen3_vl"]
     stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert helpers.build_tiny_model(path, "qwen3_vl") == path
+    assert make_tiny_model.build_tiny_model(path, "qwen3_vl") == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_committed_smoke_model_is_what_the_script_builds(tmp_path):
+    """data/tiny-qwen3-vl is made by its script: a change to the builder that is not rebuilt there fails here."""
+    committed = ROOT / helpers.SMOKE_MODEL
+    built = make_tiny_model.build_tiny_model(tmp_path / "built", "qwen3_vl", seed=42)
+    assert sorted(p.name for p in committed.iterdir()) == sorted(p.name for p in built.iterdir())
+    for name in ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json"):
+        assert (committed / name).read_text() == (built / name).read_text(), name
+    weights, expected = load_file(committed / "model.safetensors"), load_file(built / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
