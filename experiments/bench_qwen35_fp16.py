@@ -67,7 +67,7 @@ def random_checkpoint(name: str, workdir: Path) -> Path:
     out = workdir / f"qwen3.5-{name}-random"
     if (out / "done").exists():
         return out
-    template = helpers.build_tiny_model(workdir / "tiny-qwen3_5", "qwen3_5")
+    template = common.make_tiny_model.build_tiny_model(workdir / "tiny-qwen3_5", "qwen3_5")
     d = AutoConfig.from_pretrained(template).to_dict()
     spec = SIZES[name]
     if name != "tiny":
