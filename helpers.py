@@ -376,6 +376,8 @@ class Config:
     move_stale_run_aside: bool = False  # output_dir holds folds or adapters made from another config or data: False
     # stops the run and lists what changed; True renames the folder <output_dir>-<time> (nothing deleted), starts afresh
     zero_shot: bool = False  # skip training and predict with the base model
+    adapters_from: str | None = None  # an earlier run's output_dir, e.g. "/kaggle/input/my-run/outputs" (attached
+    # read-only; the folder holding folds.csv or one above it): train nothing, predict with its fold adapters
     zero_shot_baseline: bool = True  # score the base model on (a sample of) the train rows before training
 
     # Memory level (from MEMORY_LEVELS unless set here)
@@ -474,6 +476,8 @@ class Config:
             problems.append(f"debias_samples must be 0 (off) or positive, got {self.debias_samples}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.adapters_from and self.zero_shot:
+            problems.append("adapters_from (predict with an earlier run's adapters) and zero_shot exclude each other")
         if problems:
             raise ValueError("invalid Config:\n  - " + "\n  - ".join(problems))
 
@@ -504,7 +508,9 @@ class Config:
                 f"profile   {self.profile}: {self.model_id}, images up to {self.image_size}^2 pixels",
                 f"LoRA      r {self.lora_r}, alpha {self.lora_alpha} on {', '.join(self.lora_targets)}",
                 f"training  {self.n_folds} folds (training {folds}), {self.epochs} epochs, lr {self.lr:g}, "
-                f"effective batch {self.effective_batch}" + (" (zero-shot: no training)" if self.zero_shot else ""),
+                f"effective batch {self.effective_batch}"
+                + (" (zero-shot: no training)" if self.zero_shot else "")
+                + (f" (no training: the adapters of {self.adapters_from})" if self.adapters_from else ""),
                 f"inference {f'TTA x{self.tta_rotations}' if self.tta_rotations > 1 else 'no TTA'}, {debias}, "
                 + ("best variant out of fold" if self.select_variant else "fullest variant"),
                 f"data      {self.data_dir or 'found by itself'}; outputs in {self.output_dir}",
@@ -833,7 +839,7 @@ def scores_fingerprint(cfg: Config, name: str, folds: pd.DataFrame, test: pd.Dat
     if name == "zeroshot":
         model = config_fields(cfg, ("model_id", "precision"))
     else:
-        model = {"adapter": files_hash(cfg.out / name / "best_adapter")}
+        model = {"adapter": files_hash(trained_dir(cfg, int(name[4:])) / "best_adapter")}
     rows = {"rows scored": data_hash(val_rows(name, folds)), "test data": data_hash(test)}
     return {**model, **rows, **config_fields(cfg, SCORE_FIELDS)}
 
@@ -875,7 +881,10 @@ def stale_run_error(cfg: Config, stale: dict[Path, list[str]]) -> StaleRunError:
 def prepare_run_folder(cfg: Config, train: pd.DataFrame) -> None:
     """Before any work: check that the folds and every fold folder in cfg.out were made from this data and cfg.
     A mismatch stops the run with the fields that changed, or with cfg.move_stale_run_aside moves the folder aside
-    (renamed <output_dir>-<time>) so the run starts afresh. Then writes config.json."""
+    (renamed <output_dir>-<time>) so the run starts afresh. Then writes config.json. With cfg.adapters_from, the
+    earlier run's folds and adapters are checked first (check_earlier_run)."""
+    if cfg.adapters_from:
+        check_earlier_run(cfg, train)
     folds_print = folds_fingerprint(cfg, train)
     made = (cfg.out / "folds.csv").exists()
     stale = {cfg.out / "fingerprint.json": stored_fingerprint_changes(cfg.out / "fingerprint.json", folds_print, made)}
@@ -897,6 +906,88 @@ def save_folds(folds: pd.DataFrame, cfg: Config) -> None:
     without one)."""
     atomic_write_text(cfg.out / "fingerprint.json", json.dumps(folds_fingerprint(cfg, folds), indent=2))
     atomic_write_text(cfg.out / "folds.csv", folds[["id", "fold"]].to_csv(index=False))
+
+
+# -- An earlier run's adapters (cfg.adapters_from) -------------------------------------------------------------------
+# Kaggle users often train in one session and predict in another, with the first session's output attached as a
+# dataset (read-only). The earlier run is checked with the same fingerprints as a re-run, its folds.csv and each fold's
+# adapter and result.json are read there, and everything this run makes (folds.csv copied, scores, submissions,
+# plots) is written to cfg.out only.
+
+
+def earlier_run_dir(adapters_from: str | os.PathLike) -> Path:
+    """The earlier run's output folder: the one holding folds.csv, which is `adapters_from` itself or a folder in it
+    (a notebook's output attached on Kaggle keeps its path: /kaggle/input/<name>/outputs/folds.csv)."""
+    root = Path(adapters_from)
+    if not root.is_dir():
+        raise FileNotFoundError(f"adapters_from: {root} is not a folder (attach the earlier run's output as an input)")
+    found = [root] if (root / "folds.csv").is_file() else sorted(p.parent for p in root.glob("*/folds.csv"))
+    if not found:
+        raise FileNotFoundError(f"adapters_from: {root} holds no earlier run: no folds.csv in it or a folder in it")
+    if len(found) > 1:
+        raise ValueError(f"adapters_from: {root} holds several runs {[str(p) for p in found]}: set it to one of them")
+    return found[0]
+
+
+def trained_dir(cfg: Config, fold: int) -> Path:
+    """Where fold `fold`'s adapter and result.json are read: the earlier run's fold folder with cfg.adapters_from,
+    else this run's."""
+    return earlier_run_dir(cfg.adapters_from) / f"fold{fold}" if cfg.adapters_from else cfg.fold_dir(fold)
+
+
+def check_earlier_run(cfg: Config, train: pd.DataFrame) -> None:
+    """Check the earlier run at cfg.adapters_from against this data and cfg, as a re-run is checked: its folds and the
+    adapter of each fold of cfg.folds_to_train it trained (their fingerprints). A difference stops with each
+    fingerprint file and each changed field, old -> new; a run without trained folds stops too. Reads only."""
+    root = earlier_run_dir(cfg.adapters_from)
+    if root.resolve() == cfg.out.resolve():
+        raise ValueError(f"adapters_from and output_dir are both {root}: set OUTPUT_DIR to a new folder")
+    trained = [fold for fold in cfg.folds_to_train if fold_is_trained(cfg, fold)]
+    incomplete = [fold for fold in trained if not (trained_dir(cfg, fold) / "best_adapter").is_dir()]
+    if incomplete:
+        raise FileNotFoundError(f"{root}: folds {incomplete} have a result.json but no best_adapter/ (copied in part?)")
+    if not trained:
+        raise FileNotFoundError(
+            f"{root} holds no trained fold of {cfg.folds_to_train} (fold<k>/result.json and fold<k>/best_adapter/)"
+        )
+    folds_print = folds_fingerprint(cfg, train)
+    expected = {root / "fingerprint.json": folds_print}
+    expected |= {root / f"fold{k}" / "fingerprint.json": adapter_fingerprint(cfg, folds_print, k) for k in trained}
+    stale = {path: stored_fingerprint_changes(path, fingerprint, made=True) for path, fingerprint in expected.items()}
+    stale = {path: changes for path, changes in stale.items() if changes}
+    if stale:
+        found = "\n".join(f"  - {path}: {'; '.join(changes)}" for path, changes in stale.items())
+        raise StaleRunError(
+            f"adapters_from: {root} was made from another config or data; its adapters would give wrong scores:\n"
+            f"{found}\nSet the Config cell as that run had it (its config.json), or adapters_from=None to train."
+        )
+    left_out = [fold for fold in cfg.folds_to_train if fold not in trained]
+    print(f"folds {trained}: adapters from {root}" + (f"; folds {left_out} not trained there" if left_out else ""))
+
+
+def earlier_folds(cfg: Config, train: pd.DataFrame) -> pd.DataFrame:
+    """`train` with the earlier run's fold column (its folds.csv): each adapter is judged on the rows it never trained
+    on, whatever this machine's make_folds would split. check_earlier_run has matched the data already."""
+    path = earlier_run_dir(cfg.adapters_from) / "folds.csv"
+    saved = pd.read_csv(path, dtype={"id": str})
+    fold = train["id"].map(saved.set_index("id")["fold"])
+    unknown = sorted(set(saved["id"]) - set(train["id"]))
+    if fold.isna().any() or unknown:
+        raise ValueError(
+            f"{path} does not match train.csv: ids without a fold {_preview(train.loc[fold.isna(), 'id'])}, "
+            f"unknown ids {_preview(unknown)}"
+        )
+    return train.assign(fold=fold.astype(int))
+
+
+def earlier_fold_results(cfg: Config, folds: pd.DataFrame) -> pd.DataFrame:
+    """What train_folds returns, from the earlier run's result.json files, training nothing. Each fold folder of this
+    run gets that adapter's fingerprint (bind_fold), so a re-run into this output_dir is checked as usual."""
+    folds_print = folds_fingerprint(cfg, folds)
+    trained = [fold for fold in cfg.folds_to_train if fold_is_trained(cfg, fold)]
+    for fold in trained:
+        bind_fold(cfg, folds_print, fold)
+    return fold_table([fold_result(cfg, fold) for fold in trained])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2355,13 +2446,16 @@ def fold_result(cfg: Config, fold: int) -> dict | None:
 
     An unreadable result.json is renamed unreadable-result.json with a message and the fold counts as unfinished:
     training it again resumes from its last checkpoint, which holds the whole result, so that costs no training.
+    With cfg.adapters_from it is the earlier run's (trained_dir), which is never moved: unreadable, it stops the run.
     """
-    path = cfg.fold_dir(fold) / "result.json"
+    path = trained_dir(cfg, fold) / "result.json"
     if not path.exists():
         return None
     try:
         return json.loads(path.read_text())
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError: truncated or damaged
+        if cfg.adapters_from:  # read-only, and nothing is trained here to make it again
+            raise ValueError(f"{path} is unreadable ({error}): leave fold {fold} out with train_folds") from error
         aside = path.with_name(f"unreadable-{path.name}")
         path.replace(aside)
         print(f"{path} is unreadable ({error}); moved to {aside}, fold {fold} runs again from its last checkpoint")
@@ -2730,7 +2824,8 @@ def score_member(base_model, processor, name: str, folds: pd.DataFrame, test: pd
     saved = saved_scores(scores_file, fingerprint)
     if saved is not None:
         return saved
-    model = base_model if name == "zeroshot" else load_adapter(base_model, cfg.out / name / "best_adapter")
+    adapter = None if name == "zeroshot" else trained_dir(cfg, int(name[4:])) / "best_adapter"
+    model = base_model if adapter is None else load_adapter(base_model, adapter)
     prior = fit_prior(model, processor, test, cfg)
     saved = {
         "oof": score_orders(model, processor, val_rows(name, folds), cfg, orders),
