@@ -1402,6 +1402,10 @@ def load_model_and_processor(cfg: Config):
 
     dtype = compute_dtype(cfg.precision)
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    # cuDNN's attention backward returns NaN gradients on padded batches whose length is 64 modulo 128 (pytorch#196678;
+    # on an H200 with torch 2.11, every such bf16 step of the 2B rehearsal: experiments/replay_nonfinite.py). SDPA then
+    # takes its memory-efficient kernel, which gives finite gradients on the same batches (4% slower there).
+    torch.backends.cuda.enable_cudnn_sdp(False)
     if torch.cuda.is_available():
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -200,17 +200,17 @@ def train_with_trainer(trainer, timer, micro_batch: int) -> dict:
     }
 
 
-def messages_with_image(row: dict, image_size: int, answer: str | None = None) -> list[dict]:
+def messages_with_image(row: dict, budget: helpers.PixelBudget, answer: str | None = None) -> list[dict]:
     """helpers' chat messages for a row with its image (as helpers.load_image gives it) in the user turn."""
     messages = helpers.build_messages(row, answer=answer)
-    messages[1]["content"][0]["image"] = helpers.load_image(row["image_path"], image_size)
+    messages[1]["content"][0]["image"] = helpers.load_image(row["image_path"], budget)
     return messages
 
 
-def generate_one(model, processor, row: dict, image_size: int) -> None:
+def generate_one(model, processor, row: dict, budget: helpers.PixelBudget) -> None:
     """TRL's docs' inference: the processor applies the chat template and reads the image, then generate()."""
     inputs = processor.apply_chat_template(
-        messages_with_image(row, image_size),
+        messages_with_image(row, budget),
         add_generation_prompt=True,
         tokenize=True,
         return_dict=True,
@@ -219,17 +219,17 @@ def generate_one(model, processor, row: dict, image_size: int) -> None:
     model.generate(**inputs, max_new_tokens=2, do_sample=False, use_cache=True)
 
 
-def score_by_generate(model, processor, df, image_size: int) -> dict:
+def score_by_generate(model, processor, df, budget: helpers.PixelBudget) -> dict:
     rows = df.to_dict("records")
     model.eval()
     with torch.no_grad():
         for row in rows[:2]:  # warm-up
-            generate_one(model, processor, row, image_size)
+            generate_one(model, processor, row, budget)
         common.sync()
         common.reset_peak()
         start = time.perf_counter()
         for row in rows:
-            generate_one(model, processor, row, image_size)
+            generate_one(model, processor, row, budget)
         common.sync()
     seconds = time.perf_counter() - start
     return {
@@ -244,7 +244,7 @@ def score_by_generate(model, processor, df, image_size: int) -> dict:
 # -- TRL --------------------------------------------------------------------------------------------------------------
 
 
-def trl_dataset(df, image_size: int):
+def trl_dataset(df, budget: helpers.PixelBudget):
     """Prompt-completion rows with their images (TRL's VLM format): the loss then covers the completion only."""
     from datasets import Dataset
 
@@ -253,7 +253,7 @@ def trl_dataset(df, image_size: int):
         prompt = helpers.build_messages(row)
         completion = [{"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}]
         records.append(
-            {"prompt": prompt, "completion": completion, "images": [helpers.load_image(row["image_path"], image_size)]}
+            {"prompt": prompt, "completion": completion, "images": [helpers.load_image(row["image_path"], budget)]}
         )
     return Dataset.from_list(records)
 
@@ -274,8 +274,8 @@ def load_for_trl(args):
         )
     model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, **kwargs)
     processor = AutoProcessor.from_pretrained(args.checkpoint)
-    common.set_image_size(processor, args.image_size)  # the same vision tokens per image as the project
-    return model, processor
+    budget = helpers.set_pixel_budget(processor, args.image_size)  # the same vision tokens per image as the project
+    return model, processor, budget
 
 
 def run_trl(args, df, result: dict, save) -> None:
@@ -285,7 +285,7 @@ def run_trl(args, df, result: dict, save) -> None:
     cfg = project_config(args)
     micro_batch = args.micro_batch
     start = time.perf_counter()
-    model, processor = load_for_trl(args)
+    model, processor, budget = load_for_trl(args)
     result.update(load_s=time.perf_counter() - start, weights_gib=common.allocated_gib())
     common.cap_gpu_memory(args.cap)
     lora = LoraConfig(
@@ -301,17 +301,25 @@ def run_trl(args, df, result: dict, save) -> None:
     trainer = SFTTrainer(
         model=model,
         args=peer_sft_config(args, micro_batch, max_length=None),
-        train_dataset=trl_dataset(df.head(EFFECTIVE_BATCH * (1 + args.steps)), args.image_size),
+        train_dataset=trl_dataset(df.head(EFFECTIVE_BATCH * (1 + args.steps)), budget),
         processing_class=processor,
         peft_config=lora,
         callbacks=[timer],
     )
     result["settings"]["optimizer"] = trainer.args.optim.value
+    if args.precision == "fp16":
+        # TRL 1.16 casts QLoRA adapters to bf16 whatever the precision, and fp16's GradScaler cannot unscale bf16
+        # gradients ("_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16'): a T4 user
+        # has to cast them back, as here, to train at all.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        result["settings"]["adapter_dtype"] = "fp32 (cast back from TRL's bf16, which fp16 training cannot unscale)"
     common.log(f"trl {args.precision}: training at micro-batch {micro_batch}, {args.steps} timed step(s)")
     result["train"] = train_with_trainer(trainer, timer, micro_batch)
     save()
     common.log(f"trl {args.precision}: generate() on {args.generate_rows} rows")
-    result["score"] = score_by_generate(trainer.model, processor, df.head(args.generate_rows), args.image_size)
+    result["score"] = score_by_generate(trainer.model, processor, df.head(args.generate_rows), budget)
 
 
 # -- Unsloth ----------------------------------------------------------------------------------------------------------
@@ -333,7 +341,7 @@ def run_unsloth(args, df, result: dict, save) -> None:
         use_gradient_checkpointing="unsloth",
         dtype=helpers.compute_dtype(args.precision),
     )
-    common.set_image_size(processor, args.image_size)
+    budget = helpers.set_pixel_budget(processor, args.image_size)
     result.update(load_s=time.perf_counter() - start, weights_gib=common.allocated_gib())
     common.cap_gpu_memory(args.cap)
     model = FastVisionModel.get_peft_model(
@@ -356,7 +364,7 @@ def run_unsloth(args, df, result: dict, save) -> None:
     }
     FastVisionModel.for_training(model)
     rows = df.head(EFFECTIVE_BATCH * (1 + args.steps)).to_dict("records")
-    dataset = [{"messages": messages_with_image(row, args.image_size, answer=row["answer"])} for row in rows]
+    dataset = [{"messages": messages_with_image(row, budget, answer=row["answer"])} for row in rows]
     collator = UnslothVisionDataCollator(
         model,
         processor,
@@ -384,7 +392,7 @@ def run_unsloth(args, df, result: dict, save) -> None:
     save()
     FastVisionModel.for_inference(model)
     common.log(f"unsloth {args.precision}: generate() on {args.generate_rows} rows")
-    result["score"] = score_by_generate(model, processor, df.head(args.generate_rows), args.image_size)
+    result["score"] = score_by_generate(model, processor, df.head(args.generate_rows), budget)
 
 
 RUNNERS = {"project": run_project, "trl": run_trl, "unsloth": run_unsloth}

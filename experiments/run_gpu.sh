@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, peers)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35-9b, peers, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
@@ -92,7 +92,12 @@ run train 300 experiments/bench_train.py
 run moe 200 experiments/bench_moe.py
 run qwen35 560 experiments/bench_qwen35_fp16.py --models 4b,9b --steps 200
 run qwen35-off 330 experiments/bench_qwen35_fp16.py --models 4b --steps 200 --islands off
+# 9B within one 10-minute device call: 150 steps at about 2.5 s
+run qwen35-9b 560 experiments/bench_qwen35_fp16.py --models 9b --steps 150 --islands on
+run replay 200 experiments/replay_nonfinite.py
 run peers 400 experiments/bench_peers.py --model 8b
+# fp16 only, TRL's adapters cast back to fp32 (TRL 1.16 makes them bf16, which fp16 cannot train): about 4 minutes
+run peers_fp16 300 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,trl
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"

@@ -39,6 +39,13 @@ def test_tiny_model_loads_back_through_the_user_path(arch, tiny_model_dirs, tmp_
     assert torch.isfinite(loss) and loss > 0
 
 
+def test_loading_turns_off_cudnn_attention(tiny_model_dirs, tmp_path):
+    # cuDNN's SDPA backward gave NaN gradients on padded bf16 batches (experiments/replay_nonfinite.py)
+    torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default
+    helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path))
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_build_tiny_model_is_idempotent(tiny_model_dirs):
     path = tiny_model_dirs["qwen3_vl"]
     stamp = (path / "model.safetensors").stat().st_mtime_ns
