@@ -2094,11 +2094,12 @@ class TimeBudget:
         training = self.seconds(samples=fold_samples * folds, rows=self.val_rows * self.cfg.epochs * folds)
         scoring = self.seconds(rows=(self.members + folds - 1) * self.rows_per_member)
         left = self.seconds_left()
+        estimate = f"time estimate: {folds} fold(s) to train {training / 3600:.1f} h + scoring {scoring / 3600:.1f} h"
+        if math.isinf(left):
+            tqdm.write(f"{estimate}; no time budget (time_budget_hours=inf)")
+            return
         verdict = "it fits" if training + scoring <= left else "it does not fit: training stops in time to score"
-        tqdm.write(
-            f"time estimate: {folds} fold(s) to train {training / 3600:.1f} h + scoring {scoring / 3600:.1f} h; "
-            f"{left / 3600:.1f} h left of time_budget_hours={self.cfg.time_budget_hours}: {verdict}"
-        )
+        tqdm.write(f"{estimate}; {left / 3600:.1f} h left of time_budget_hours={self.cfg.time_budget_hours}: {verdict}")
 
 
 @dataclass
@@ -2297,7 +2298,8 @@ def train_epoch(run: FoldRun, state: TrainState) -> None:
         # -- log and checkpoint
         lr = run.scheduler.get_last_lr()[0]
         run.progress.update(1)
-        run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", mem=memory_summary())
+        memory = {"mem": memory_summary()} if torch.cuda.is_available() else {}  # peak GPU memory, per GPU
+        run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **memory)
         run.tracker.log(state.global_step, {"train/loss": loss, "train/lr": lr})
         if state.global_step % cfg.save_every_steps == 0:
             save_fold_checkpoint(run, state)

@@ -3,6 +3,7 @@ Gated DeltaNet layers as fp32 islands (Config.fp32_islands, the default) and wit
 
     python3 experiments/bench_qwen35_fp16.py --out experiments/results/qwen35.json --models 4b,9b --steps 200
     python3 experiments/bench_qwen35_fp16.py --out /tmp/q.json --tiny    # the same code path on a CPU (fp32)
+    bash experiments/run_gpu.sh qwen35_kernels    # 4B without and with flash-linear-attention (.whl-fla/ carried)
 
 For each model, one random checkpoint at the real sizes (weights cannot be downloaded here), loaded through
 helpers.load_model_and_processor in 4 bits with precision="fp16", each GPU capped at 14.5 GiB like a T4; then for
@@ -28,6 +29,7 @@ import common
 import pandas as pd
 import torch
 from common import helpers
+from transformers.utils.import_utils import is_flash_linear_attention_available
 
 SIZES = {
     "4b": dict(
@@ -57,7 +59,7 @@ SHARED_TEXT = dict(
     max_position_embeddings=262144,
 )
 SHARED_VISION = dict(num_heads=16, num_position_embeddings=2304)
-TABLE = ("optimizer_steps", "skipped_steps", "nonfinite_steps", "loss_first_10", "loss_last_10", "seconds_per_step")
+TABLE = ("optimizer_steps", "skipped_steps", "nonfinite_steps", "loss_last_10", "seconds_per_step", "score_rows_per_s")
 
 
 def random_checkpoint(name: str, workdir: Path) -> Path:
@@ -125,8 +127,12 @@ def train_run(path: Path, folds: pd.DataFrame, islands: bool, args, workdir: Pat
     seconds = time.perf_counter() - start
     losses = result["losses"]
     finite = [x for x in losses if x == x and abs(x) != float("inf")]
+    score_start = time.perf_counter()
+    helpers.letter_log_probs(peft_model, processor, folds[folds["fold"] == 0], cfg)
+    score_seconds = time.perf_counter() - score_start
     entry = {
         "fp32_islands": islands,
+        "fast_deltanet_kernels": is_flash_linear_attention_available(),
         "optimizer_steps": result["optimizer_steps"],
         "skipped_steps": result["skipped_steps"],
         "nonfinite_steps": len(result["nonfinite_steps"]),
@@ -136,6 +142,7 @@ def train_run(path: Path, folds: pd.DataFrame, islands: bool, args, workdir: Pat
         "loss_last_10": sum(finite[-10:]) / max(1, len(finite[-10:])),
         "best_val_acc": result["best_val_acc"],
         "seconds_per_step": seconds / max(1, result["optimizer_steps"]),
+        "score_rows_per_s": int((folds["fold"] == 0).sum()) / score_seconds,
         "peak_gib": common.peak_gib(),
         "adapter_finite": all(torch.isfinite(p).all().item() for p in peft_model.parameters() if p.requires_grad),
     }
@@ -152,6 +159,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4, help="rows per optimizer step (no accumulation)")
     parser.add_argument("--val-rows", type=int, default=64)
     parser.add_argument("--islands", choices=("both", "on", "off"), default="both", help="which runs to make")
+    parser.add_argument("--label", default="", help="appended to each run's name (e.g. whether kernels are there)")
     args = parser.parse_args()
     names = ["tiny"] if args.tiny else [m.strip() for m in args.models.split(",")]
     if args.tiny:
@@ -167,7 +175,8 @@ def main() -> None:
         path = random_checkpoint(name, workdir)
         for on in islands:
             run = train_run(path, folds, on, args, workdir)
-            results[f"{name} fp32_islands={on}"] = {"environment": common.environment(), "args": vars(args), **run}
+            entry = {"environment": common.environment(), "args": vars(args), **run}
+            results[f"{name} fp32_islands={on}{args.label}"] = entry
             common.write_json(out, results)  # after every run: a call cut short keeps what it measured
     common.print_table([{"run": k, **{c: v for c, v in r.items() if c in TABLE}} for k, r in results.items()])
 

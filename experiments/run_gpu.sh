@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35-9b, peers, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35-9b, qwen35_kernels-none, qwen35_kernels-fla, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
@@ -94,10 +94,22 @@ run qwen35 560 experiments/bench_qwen35_fp16.py --models 4b,9b --steps 200
 run qwen35-off 330 experiments/bench_qwen35_fp16.py --models 4b --steps 200 --islands off
 # 9B within one 10-minute device call: 150 steps at about 2.5 s
 run qwen35-9b 560 experiments/bench_qwen35_fp16.py --models 9b --steps 150 --islands on
+# Not run yet: Qwen3.5-4B without, then with flash-linear-attention's Triton DeltaNet kernels (transformers uses the
+# `fla` package where it imports). .whl-fla/ (carried, git-ignored): fla_core and flash_linear_attention 0.6.0, 1.5 MiB.
+#   bash experiments/run_gpu.sh qwen35_kernels-none qwen35_kernels-fla
+run qwen35_kernels-none 280 experiments/bench_qwen35_fp16.py --models 4b --steps 40 --islands on --label " no fla"
+if [[ " $selected " == *" qwen35_kernels-fla "* ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-fla/*.whl ||
+        echo "WARNING: installing .whl-fla/ failed: the next run has no fast kernels"
+fi
+run qwen35_kernels-fla 280 experiments/bench_qwen35_fp16.py --models 4b --steps 40 --islands on --label " fla"
 run replay 200 experiments/replay_nonfinite.py
 run peers 400 experiments/bench_peers.py --model 8b
 # fp16 only, TRL's adapters cast back to fp32 (TRL 1.16 makes them bf16, which fp16 cannot train): about 4 minutes
 run peers_fp16 300 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,trl
+# Not run yet: 10 timed steps (3 were too noisy) and TRL also at the project's micro-batch: one precision per call
+run peers_equal_fp16 560 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,trl --steps 10 --micro-batches 2,16
+run peers_equal_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,trl --steps 10 --micro-batches 2,16
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"
