@@ -1930,8 +1930,8 @@ def accumulate_gradients(model, batch: dict, micro_batch: int, scaler, autocast)
 def optimizer_step(optimizer, scaler, params: list, max_grad_norm: float) -> float:
     """Unscale, clip and step; returns the gradient norm. A non-finite gradient skips the step in every precision, so
     it never reaches the weights: in fp16 it is the GradScaler's overflow (the scaler then lowers its scale), in bf16
-    or fp32 nothing else would stop it (a bf16 run of Qwen3-VL-2B stepped on a NaN gradient at step 24 and trained on
-    NaN weights from then on). The caller zeroes the gradients."""
+    or fp32 nothing else would stop it (a bf16 run of Qwen3-VL-2B stepped on a NaN gradient at step 24, from cuDNN's
+    attention backward, and trained on NaN weights from then on). The caller zeroes the gradients."""
     scaler.unscale_(optimizer)
     norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     if math.isfinite(norm):
