@@ -2030,8 +2030,6 @@ def memory_report() -> str:
 
 
 def memory_summary() -> str:
-    if not torch.cuda.is_available():
-        return ""
     return " ".join(f"{torch.cuda.max_memory_allocated(i) / 2**30:.1f}G" for i in range(torch.cuda.device_count()))
 
 
@@ -2298,8 +2296,10 @@ def train_epoch(run: FoldRun, state: TrainState) -> None:
         # -- log and checkpoint
         lr = run.scheduler.get_last_lr()[0]
         run.progress.update(1)
-        memory = {"mem": memory_summary()} if torch.cuda.is_available() else {}  # peak GPU memory, per GPU
-        run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **memory)
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        if torch.cuda.is_available():
+            postfix["mem"] = memory_summary()  # peak GPU memory, per GPU
+        run.progress.set_postfix(postfix)
         run.tracker.log(state.global_step, {"train/loss": loss, "train/lr": lr})
         if state.global_step % cfg.save_every_steps == 0:
             save_fold_checkpoint(run, state)

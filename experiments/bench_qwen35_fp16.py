@@ -3,7 +3,7 @@ Gated DeltaNet layers as fp32 islands (Config.fp32_islands, the default) and wit
 
     python3 experiments/bench_qwen35_fp16.py --out experiments/results/qwen35.json --models 4b,9b --steps 200
     python3 experiments/bench_qwen35_fp16.py --out /tmp/q.json --tiny    # the same code path on a CPU (fp32)
-    bash experiments/run_gpu.sh qwen35_kernels    # 4B without and with flash-linear-attention (.whl-fla/ carried)
+    bash experiments/run_gpu.sh qwen35_kernels-none qwen35_kernels-fla    # 4B without, with flash-linear-attention
 
 For each model, one random checkpoint at the real sizes (weights cannot be downloaded here), loaded through
 helpers.load_model_and_processor in 4 bits with precision="fp16", each GPU capped at 14.5 GiB like a T4; then for
@@ -127,8 +127,9 @@ def train_run(path: Path, folds: pd.DataFrame, islands: bool, args, workdir: Pat
     seconds = time.perf_counter() - start
     losses = result["losses"]
     finite = [x for x in losses if x == x and abs(x) != float("inf")]
+    val = folds[folds["fold"] == 0]
     score_start = time.perf_counter()
-    helpers.letter_log_probs(peft_model, processor, folds[folds["fold"] == 0], cfg)
+    helpers.letter_log_probs(peft_model, processor, val, cfg)
     score_seconds = time.perf_counter() - score_start
     entry = {
         "fp32_islands": islands,
@@ -142,7 +143,7 @@ def train_run(path: Path, folds: pd.DataFrame, islands: bool, args, workdir: Pat
         "loss_last_10": sum(finite[-10:]) / max(1, len(finite[-10:])),
         "best_val_acc": result["best_val_acc"],
         "seconds_per_step": seconds / max(1, result["optimizer_steps"]),
-        "score_rows_per_s": int((folds["fold"] == 0).sum()) / score_seconds,
+        "score_rows_per_s": len(val) / score_seconds,
         "peak_gib": common.peak_gib(),
         "adapter_finite": all(torch.isfinite(p).all().item() for p in peft_model.parameters() if p.requires_grad),
     }

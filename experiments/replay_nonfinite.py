@@ -13,7 +13,7 @@ it, with a fresh adapter, and asks:
 helpers.load_model_and_processor now turns cuDNN's attention off, so "as_loaded" is the project's way, and each
 "sdpa_*" entry takes one backend only (cuDNN included) for its pass.
 
-    python3 experiments/replay_nonfinite.py --out experiments/results/replay_nonfinite.json   # on the GPU machine
+    bash experiments/run_gpu.sh replay    # on the GPU machine: results/replay.json
 """
 
 import argparse
@@ -98,7 +98,7 @@ def one_pass(model, batch: dict, autocast, *, hooks: bool = False, anomaly: bool
     return result
 
 
-def time_passes(model, batch: dict, autocast, repeats: int = 5) -> float:
+def time_passes(model, batch: dict, autocast, repeats: int = 5) -> float | None:
     """Median seconds of one forward and backward over the batch, after one warm-up pass."""
     times = []
     for _ in range(repeats + 1):
@@ -145,7 +145,8 @@ def main() -> None:
         dataset = helpers.VQADataset(train.loc[ids], budget, train=True, shuffle_options=cfg.shuffle_options, seed=0)
         return collate([dataset[i] for i in range(len(dataset))])
 
-    for recorded in recorded_batches():
+    recorded_steps = recorded_batches()
+    for recorded in recorded_steps:
         batch = batch_of(recorded["ids"])
         entry = {**recorded, "padding_per_row": (batch["attention_mask"] == 0).sum(1).tolist()}
         common.log(f"fold {recorded['fold']} step {recorded['step']}: {len(recorded['ids'])} rows")
@@ -161,7 +162,7 @@ def main() -> None:
         common.write_json(args.out, results)
 
     # Each row of the first batch alone: no padding, so a NaN that follows a row is in its content.
-    first = recorded_batches()[0]["ids"][: args.per_row]
+    first = recorded_steps[0]["ids"][: args.per_row]
     results["rows_alone"] = {}
     for row_id in first:
         report = one_pass(model, batch_of([row_id]), autocast)
@@ -169,7 +170,7 @@ def main() -> None:
         common.log(f"  {row_id} alone: {report}")
 
     # What each backend costs: forward and backward of the first recorded batch, after a warm-up pass
-    batch = batch_of(recorded_batches()[0]["ids"])
+    batch = batch_of(recorded_steps[0]["ids"])
     results["seconds_per_pass"] = {}
     for name in ("cudnn", "efficient", "math"):
         with sdpa_kernel([BACKENDS[name]]):
@@ -178,7 +179,7 @@ def main() -> None:
 
     # Eager attention (no SDPA at all) on every recorded batch
     model.set_attn_implementation("eager")
-    results["eager"] = [one_pass(model, batch_of(r["ids"]), autocast, hooks=True) for r in recorded_batches()]
+    results["eager"] = [one_pass(model, batch_of(r["ids"]), autocast, hooks=True) for r in recorded_steps]
     common.log(f"eager: {results['eager']}")
     results["seconds"] = round(time.perf_counter() - started, 1)
     common.write_json(args.out, results)
