@@ -15,7 +15,9 @@ features): a run that stays finite here shows the mechanism is sound, not that a
 
 Sizes (public config.json of Qwen/Qwen3.5-4B and -9B; the vision tower as Qwen3-VL-4B's / -8B's): hidden 2560 / 4096,
 MLP 9216 / 12288, 32 layers (24 Gated DeltaNet, 8 full attention), 16 query / 4 key-value heads of 256, DeltaNet 16 key
-/ 32 value heads of 128, vocabulary 248,320, embeddings tied for 4B only.
+/ 32 value heads of 128, vocabulary 248,320, embeddings tied for 4B only. Qwen3.5-2B (its config.json and model card,
+as quoted by NVIDIA Megatron-LM's qwen35_vl configuration): hidden 2048, MLP 6144, 24 layers, 8 query / 2 key-value
+heads of 256, DeltaNet 16 key / 16 value heads of 128, tied embeddings; vision tower 24 layers of width 1024.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ from common import helpers
 from transformers.utils.import_utils import is_flash_linear_attention_available
 
 SIZES = {
+    "2b": dict(
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=24,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            linear_num_value_heads=16,
+        ),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096),
+        tie=True,
+    ),
     "4b": dict(
         text=dict(hidden_size=2560, intermediate_size=9216),
         vision=dict(depth=24, hidden_size=1024, intermediate_size=4096),

@@ -313,6 +313,12 @@ def cap_gpu_memory(gib: float) -> float | None:
     return gib
 
 
+def lift_gpu_cap() -> None:
+    """Undo cap_gpu_memory (and helpers.cap_gpu_memory): every GPU's whole memory again."""
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.set_per_process_memory_fraction(1.0, i)
+
+
 def peak_tflops(override: float | None) -> float | None:
     if override:
         return override

@@ -52,7 +52,12 @@ def competition_folder(workdir: Path, train_rows: int, test_rows: int) -> Path:
 
 
 def random_checkpoint(model: str, workdir: Path) -> Path:
-    """A random checkpoint at the real sizes: Qwen3-VL-2B/8B (common.py) or the 48-layer Qwen3-VL-30B-A3B."""
+    """A random checkpoint at the real sizes: Qwen3-VL-2B/8B (common.py), the 48-layer Qwen3-VL-30B-A3B, or Qwen3.5
+    (bench_qwen35_fp16.py)."""
+    if model.startswith("qwen3.5-"):
+        import bench_qwen35_fp16
+
+        return bench_qwen35_fp16.random_checkpoint(model.removeprefix("qwen3.5-"), workdir)
     if model != "30b":
         return common.build_random_checkpoint(model, workdir)[0]
     import bench_moe
@@ -139,7 +144,9 @@ def adapters_finite(output_dir: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="results JSON (one entry per run is added or replaced)")
-    parser.add_argument("--model", choices=("tiny", "2b", "8b", "30b"), default="8b")
+    parser.add_argument(
+        "--model", choices=("tiny", "2b", "8b", "30b", "qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b"), default="8b"
+    )
     parser.add_argument("--level", choices=tuple(helpers.MEMORY_LEVELS), default="safe")
     parser.add_argument("--precision", choices=("bf16", "fp16"), default="fp16", help="fp16: what a T4 runs")
     parser.add_argument("--parallel", choices=("auto", "on", "off"), default="auto", help="folds side by side")

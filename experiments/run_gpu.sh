@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35-9b, qwen35_kernels-none, qwen35_kernels-fla, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35-9b, qwen35_kernels-none, qwen35_kernels-fla, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
-#   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high
+#   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
 # "$OUT/" (the folder whose files come back from the GPU machine). The benchmarks write their JSON after every model,
 # so one cut short by its timeout still leaves what it measured.
@@ -85,6 +85,10 @@ rehearse rehearse-30b 540 --model 30b --level safe --precision fp16
 rehearse rehearse-more 300 --model 8b --level high --precision bf16 --parallel on
 # One GPU (when no two are lent): the largest level in the T4's precision, 4 TTA rotations
 rehearse rehearse-high 480 --model 8b --level high --precision fp16 --parallel off
+# One GPU, the T4's precision at `safe`: the first fp16 rehearsal after cuDNN's attention was turned off
+rehearse rehearse-1gpu 330 --model 8b --level safe --precision fp16 --parallel off
+# Qwen3.5-4B on one GPU in fp16, the T4 precision (600/200 rows: what the last device minutes of 2026-11-29 allowed)
+rehearse rehearse-qwen35 240 --model qwen3.5-4b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200
 
 run infer 240 experiments/bench_infer.py --rows 512 --original-rows 64 --batch-sizes 16,32 --repeats 2
 run profile 240 experiments/profile_infer.py --models 8b --rows 512
@@ -104,6 +108,11 @@ if [[ " $selected " == *" qwen35_kernels-fla "* ]]; then
 fi
 run qwen35_kernels-fla 280 experiments/bench_qwen35_fp16.py --models 4b --steps 40 --islands on --label " fla"
 run replay 200 experiments/replay_nonfinite.py
+# Which model fits which GPU: Qwen3-VL-8B (today's default) beside Qwen3.5, every level, one precision per call
+run fits-fp16 560 experiments/bench_fits.py --models qwen3-vl-8b,qwen3.5-9b,qwen3.5-4b,qwen3.5-2b --precisions fp16
+run fits-bf16 480 experiments/bench_fits.py --models qwen3-vl-8b,qwen3.5-9b,qwen3.5-4b,qwen3.5-2b --precisions bf16
+# Qwen3.5-2B in fp16 (the first fits-fp16 call did not know its name)
+run fits-2b 120 experiments/bench_fits.py --models qwen3.5-2b --precisions fp16
 run peers 400 experiments/bench_peers.py --model 8b
 # fp16 only, TRL's adapters cast back to fp32 (TRL 1.16 makes them bf16, which fp16 cannot train): about 4 minutes
 run peers_fp16 300 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,trl
