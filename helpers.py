@@ -328,10 +328,14 @@ KAGGLE_BUDGET_HOURS = 8.5
 PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-# What the memory levels share. Kaggle's 9-12 h session fits about 5 folds x 2 epochs of an 8B model at `safe`.
+# What the memory levels share. The model: Qwen3.5-4B scores above Qwen3-VL-30B-A3B on its model card (MMBench 89.4,
+# MMMU 77.6), fits one T4 at every level (peak 8.8 GiB at `high` in fp16) and, 4 folds x 2 epochs at `safe` two folds
+# at a time, trains 4000 rows and scores 1000 in about 5.2 h on T4 x2 (estimated from an H200: experiments/README.md,
+# "Which model fits which GPU"). 4 folds, not 5: two GPUs train folds in pairs, and a fifth fold costs a third round,
+# as much time as a sixth.
 GPU_DEFAULTS = {
-    "model_id": "Qwen/Qwen3-VL-8B-Instruct",
-    "n_folds": 5,
+    "model_id": "Qwen/Qwen3.5-4B",
+    "n_folds": 4,
     "epochs": 2,
     "lr": 1e-4,
     "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj"),  # why: section 7
@@ -417,7 +421,7 @@ class Config:
 
     # Runtime
     parallel_folds: bool | None = None  # train one fold per GPU at a time, each GPU with its own copy of the model
-    # (train_folds_on_gpus); None: when there are 2+ GPUs and the model fits one (Qwen3-VL-2B to -8B in 4 bits)
+    # (train_folds_on_gpus); None: when there are 2+ GPUs and the model fits one (every dense model up to 9B in 4 bits)
     gpu: int | None = None  # the one GPU to load the whole model on (set per process by train_folds_on_gpus);
     # None: device_map="auto" over every GPU
     eval_batch_size: int | None = None  # inference batch; halves itself on out-of-memory
@@ -2530,8 +2534,8 @@ def train_folds_on_gpus(
 ) -> pd.DataFrame:
     """train_folds on every visible GPU at once: one process per GPU, each loading its own copy of the model on its
     GPU, training every n-th fold and scoring it (score_member: predict_folds then finds the scores saved).
-    For models that fit one GPU (Qwen3-VL-8B: 6 GiB in 4 bits, measured); the 30B MoE model needs both GPUs for one
-    copy and trains with train_folds.
+    For models that fit one GPU (Qwen3.5-4B: 3.1 GiB in 4 bits, Qwen3-VL-8B: 6.0 GiB, measured); the 30B MoE model
+    needs both GPUs for one copy and trains with train_folds.
 
     Why not DDP: K folds are independent, so training them side by side needs no gradient exchange at all, and each
     fold's adapter is exactly the one a single GPU would train. Resumes like train_folds (finished folds skipped).

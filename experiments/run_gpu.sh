@@ -98,9 +98,9 @@ run qwen35 560 experiments/bench_qwen35_fp16.py --models 4b,9b --steps 200
 run qwen35-off 330 experiments/bench_qwen35_fp16.py --models 4b --steps 200 --islands off
 # 9B within one 10-minute device call: 150 steps at about 2.5 s
 run qwen35-9b 560 experiments/bench_qwen35_fp16.py --models 9b --steps 150 --islands on
-# Not run yet: Qwen3.5-4B without, then with flash-linear-attention's Triton DeltaNet kernels (transformers uses the
+# Qwen3.5-4B without, then with flash-linear-attention's Triton DeltaNet kernels (transformers uses the
 # `fla` package where it imports). .whl-fla/ (carried, git-ignored): fla_core and flash_linear_attention 0.6.0, 1.5 MiB.
-#   bash experiments/run_gpu.sh qwen35_kernels-none qwen35_kernels-fla
+#   bash experiments/run_gpu.sh qwen35_kernels-none qwen35_kernels-fla    # on an H200 fla refuses its backward (fla#640)
 run qwen35_kernels-none 280 experiments/bench_qwen35_fp16.py --models 4b --steps 40 --islands on --label " no fla"
 if [[ " $selected " == *" qwen35_kernels-fla "* ]]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-fla/*.whl ||

@@ -24,9 +24,9 @@ def test_smoke_profile_uses_the_tiny_model_on_cpu_settings():
     assert helpers.Config(profile="smoke", epochs=2, n_folds=5).epochs == 2  # explicit values still win
 
 
-def test_gpu_levels_default_to_qwen3_vl_8b():
+def test_gpu_levels_default_to_qwen3_5_4b_in_four_folds():
     cfg = helpers.Config(profile="safe")
-    assert cfg.model_id == "Qwen/Qwen3-VL-8B-Instruct" and cfg.n_folds == 5 and cfg.lr == 1e-4
+    assert cfg.model_id == "Qwen/Qwen3.5-4B" and cfg.n_folds == 4 and cfg.lr == 1e-4
 
 
 def test_validation_lists_every_problem_at_once():
