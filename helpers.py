@@ -277,12 +277,28 @@ def find_data_dir(explicit: str | os.PathLike | None = None) -> Path:
     raise ValueError("no train.csv found in /kaggle/input, /content or ./data: set DATA_DIR in the Config cell")
 
 
+def _alphanumeric(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def kaggle_model_name(folder: Path) -> str | None:
+    """The model and variation of a Kaggle Models folder .../<model>/transformers/<variation>/<version>, joined, in
+    letters and digits only (Kaggle may write "qwen-3" where the Hub writes "Qwen3"); None for any other folder."""
+    parts = folder.parts
+    if len(parts) < 4 or parts[-3] != "transformers":
+        return None
+    return _alphanumeric(parts[-4] + parts[-2])
+
+
 def find_local_model(model_id: str, roots: tuple[str, ...] = ("/kaggle/input",)) -> str:
     """The folder `model_id` names, from the working directory or helpers.py's folder (the repository: the smoke
     model); else an attached copy (a folder with config.json named like it); else the id itself, for the Hub.
 
     Kaggle mounts models under /kaggle/input/<model>/transformers/<variation>/<version> or
-    /kaggle/input/models/<owner>/<model>/...; matching on the model's name keeps the Config cell the same everywhere.
+    /kaggle/input/models/<owner>/<model>/transformers/<variation>/<version>, where Qwen/Qwen2.5-VL-7B-Instruct is
+    model "qwen2.5-vl", variation "7b-instruct": a folder matches when "<model>-<variation>" spells the model's name,
+    or when its path holds the name (a dataset named after the model). Matching on the name keeps the Config cell the
+    same everywhere.
     """
     if Path(model_id).exists():
         return model_id
@@ -292,7 +308,7 @@ def find_local_model(model_id: str, roots: tuple[str, ...] = ("/kaggle/input",))
     name = model_id.split("/")[-1].lower()
     for root in roots:
         for config in sorted(glob.glob(f"{root}/**/config.json", recursive=True)):
-            if name in config.lower():
+            if name in config.lower() or kaggle_model_name(Path(config).parent) == _alphanumeric(name):
                 return str(Path(config).parent)
     if model_id == SMOKE_MODEL:  # not a Hub id: without this, from_pretrained would look for it on the Hub
         raise FileNotFoundError(

@@ -75,6 +75,23 @@ def test_find_local_model_matches_kaggle_layout(tmp_path):
     assert helpers.find_local_model(other, roots=(str(tmp_path),)) == other
 
 
+def test_find_local_model_reads_kaggle_model_and_variation_slugs(tmp_path):
+    def attach(*parts):
+        folder = tmp_path.joinpath(*parts)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        return str(folder)
+
+    base = attach("qwen3.5", "transformers", "4b-base", "1")  # listed first: it must not be taken for Qwen3.5-4B
+    post_trained = attach("qwen3.5", "transformers", "4b", "1")
+    vl = attach("models", "qwen-lm", "qwen-3-vl", "transformers", "8b-instruct", "2")
+    roots = (str(tmp_path),)
+    assert helpers.find_local_model("Qwen/Qwen3.5-4B", roots=roots) == post_trained
+    assert helpers.find_local_model("Qwen/Qwen3.5-4B-Base", roots=roots) == base
+    assert helpers.find_local_model("Qwen/Qwen3-VL-8B-Instruct", roots=roots) == vl
+    assert helpers.find_local_model("Qwen/Qwen3.5-9B", roots=roots) == "Qwen/Qwen3.5-9B"  # not attached: the Hub
+
+
 def test_smoke_model_is_found_beside_helpers_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # papermill or Kaggle: the working directory is not the repository
     found = helpers.find_local_model(helpers.SMOKE_MODEL, roots=())
