@@ -3,8 +3,9 @@
 One random checkpoint at the real size and one set of synthetic rows; each tool in a process of its own, so that
 memory peaks and imports do not mix (Unsloth patches transformers when it is imported). For each precision (fp16, a
 T4's, with a GradScaler; bf16) every tool trains the same LoRA (rank, alpha and targets of the `safe` level: r 8 on
-the language model's q/k/v/o) on 4-bit NF4 weights with the same effective batch (16), image size (384) and GPU
-memory cap (14.5 GiB, a T4 stand-in, set after loading), then scores rows with the trained adapter:
+the language model's q/k/v/o, and for Qwen3.5 its DeltaNet projections too) on 4-bit NF4 weights with the same
+effective batch (16), image size (384) and GPU memory cap (14.5 GiB, a T4 stand-in, set after loading), then scores
+rows with the trained adapter:
 
 - project: `helpers.load_model_and_processor` + `attach_lora` + the fit step path, timed as bench_train.py times it
   (collation in the main process, the largest micro-batch that fits, and again at each peer's micro-batch for a
@@ -22,11 +23,15 @@ memory cap (14.5 GiB, a T4 stand-in, set after loading), then scores rows with t
   machine does not have it and cannot be given it (UNSLOTH_NOT_CARRIED below), so there it is recorded as
   "not run: <reason>". This path has never run: no machine here has Unsloth.
 
+For Qwen3.5 in fp16 the project runs its DeltaNet layers as fp32 islands (helpers.compute_in_fp32, the notebook's
+default on a T4); the peers have nothing of the kind and run them as transformers does.
+
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
 synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
 project / peer within this one run.
 
     python experiments/bench_peers.py --out results/peers.json                        # GPU: Qwen3-VL-8B size
+    python experiments/bench_peers.py --out results/peers_qwen35.json --model qwen3.5-4b  # the default model
     python experiments/bench_peers.py --out /tmp/peers.json --model tiny --precisions fp32 --steps 1 \\
         --rows 32 --score-rows 16 --generate-rows 2                                   # CPU check, no 4 bits
 """
@@ -495,12 +500,22 @@ def table(results: dict) -> list[dict]:
     return rows
 
 
+def random_checkpoint(model: str, workdir: Path) -> tuple[Path, dict]:
+    """Qwen3-VL at common.SIZES, or Qwen3.5 ("qwen3.5-4b": bench_qwen35_fp16's sizes, the notebook's default model)."""
+    if model.startswith("qwen3.5-"):
+        import bench_qwen35_fp16
+
+        size = model.removeprefix("qwen3.5-")
+        return bench_qwen35_fp16.random_checkpoint(size, workdir), {"family": "qwen3_5", "size": size}
+    return common.build_random_checkpoint(model, workdir)
+
+
 def parent(args) -> None:
     workdir = Path(args.workdir)
     started = time.perf_counter()
     helpers.seed_everything(0)
     common.synthetic_rows(args.rows, workdir)  # the images, written once for every worker
-    checkpoint, info = common.build_random_checkpoint(args.model, workdir)
+    checkpoint, info = random_checkpoint(args.model, workdir)
     helpers.release_memory()
     results = {"benchmark": "peers", "env": versions(), "checkpoint": info, "runs": {}, "ratios": {}}
     results["config"] = {
@@ -508,7 +523,8 @@ def parent(args) -> None:
         "rows": args.rows,
         "effective_batch": EFFECTIVE_BATCH,
         "image_size": args.image_size,
-        "lora": "the safe level's: r 8, alpha 16, on the language model's q/k/v/o",
+        "lora": "the safe level's: r 8, alpha 16, on the language model's q/k/v/o (Qwen3.5: and in_proj_qkv, "
+        "in_proj_z, out_proj of its DeltaNet layers)",
         "warmup_steps": 1,
         "steps": args.steps,
         "peer_micro_batches": args.micro_batches,
@@ -552,7 +568,8 @@ def parent(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="results JSON (a worker's own result, for a worker)")
-    parser.add_argument("--model", default="8b", choices=list(common.SIZES), help="random checkpoint at this size")
+    models = [*common.SIZES, "qwen3.5-tiny", "qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b"]
+    parser.add_argument("--model", default="8b", choices=models, help="random checkpoint at this size")
     parser.add_argument("--workdir", default="/tmp/qwen-vqa-bench", help="random checkpoints and images (GBs)")
     parser.add_argument("--rows", type=int, default=256, help="synthetic rows, the same for every tool")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps of 16 samples, after 1 warm-up")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35-9b, qwen35_kernels-none, qwen35_kernels-fla, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35-9b, qwen35_kernels-none, qwen35_kernels-fla, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, peers_qwen35_fp16, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
@@ -119,6 +119,8 @@ run peers_fp16 300 experiments/bench_peers.py --model 8b --precisions fp16 --too
 # Not run yet: 10 timed steps (3 were too noisy) and TRL also at the project's micro-batch: one precision per call
 run peers_equal_fp16 560 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,trl --steps 10 --micro-batches 2,16
 run peers_equal_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,trl --steps 10 --micro-batches 2,16
+# Not run yet: the same on Qwen3.5-4B, the notebook's default model since 2026-11-29
+run peers_qwen35_fp16 560 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl --steps 10 --micro-batches 2,16
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"
