@@ -306,9 +306,10 @@ def find_local_model(model_id: str, roots: tuple[str, ...] = ("/kaggle/input",))
     if beside_helpers.exists():
         return str(beside_helpers)
     name = model_id.split("/")[-1].lower()
+    kaggle_name = _alphanumeric(name)
     for root in roots:
         for config in sorted(glob.glob(f"{root}/**/config.json", recursive=True)):
-            if name in config.lower() or kaggle_model_name(Path(config).parent) == _alphanumeric(name):
+            if name in config.lower() or kaggle_model_name(Path(config).parent) == kaggle_name:
                 return str(Path(config).parent)
     if model_id == SMOKE_MODEL:  # not a Hub id: without this, from_pretrained would look for it on the Hub
         raise FileNotFoundError(

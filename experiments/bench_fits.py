@@ -25,28 +25,12 @@ import shutil
 import time
 from pathlib import Path
 
-import bench_qwen35_fp16
 import common
 import pandas as pd
 from common import helpers
 
-# name: (family, size as the builders of experiments/ call it)
-MODELS = {
-    "qwen3-vl-2b": ("qwen3_vl", "2b"),
-    "qwen3-vl-8b": ("qwen3_vl", "8b"),
-    "qwen3.5-2b": ("qwen3_5", "2b"),
-    "qwen3.5-4b": ("qwen3_5", "4b"),
-    "qwen3.5-9b": ("qwen3_5", "9b"),
-    "tiny": ("qwen3_5", "tiny"),
-}
+MODELS = ("qwen3-vl-2b", "qwen3-vl-8b", "qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b")  # --tiny: "qwen3.5-tiny"
 TABLE = ("micro_batch", "train_samples_per_s", "train_peak_gib", "score_rows_per_s", "score_peak_gib")
-
-
-def random_checkpoint(name: str, workdir: Path) -> Path:
-    family, size = MODELS[name]
-    if family == "qwen3_vl":
-        return common.build_random_checkpoint(size, workdir)[0]
-    return bench_qwen35_fp16.random_checkpoint(size, workdir)
 
 
 def level_config(checkpoint: Path, level: str, precision: str, args, out: Path, **fields) -> helpers.Config:
@@ -121,12 +105,12 @@ def main() -> None:
     parser.add_argument("--val-rows", type=int, default=8, help="the fold's validation rows (scored after its epoch)")
     parser.add_argument("--score-rows", type=int, default=96)
     args = parser.parse_args()
-    names = ["tiny"] if args.tiny else [m.strip() for m in args.models.split(",")]
+    names = ["qwen3.5-tiny"] if args.tiny else [m.strip() for m in args.models.split(",")]
     precisions = ["fp32"] if args.tiny else [p.strip() for p in args.precisions.split(",")]
     levels = [lv.strip() for lv in args.levels.split(",")]
-    unknown = [n for n in names if n not in MODELS]
+    unknown = [n for n in names if n not in (*MODELS, "qwen3.5-tiny")]
     if unknown:
-        raise SystemExit(f"unknown --models {unknown}; choose from {[n for n in MODELS if n != 'tiny']}")
+        raise SystemExit(f"unknown --models {unknown}; choose from {list(MODELS)}")
     if args.tiny:
         args.steps, args.score_rows, levels = 1, 16, levels[:1]
     workdir = Path(args.workdir)
@@ -136,7 +120,7 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}  # runs of earlier calls are kept
     for name in names:
         common.lift_gpu_cap()  # a load capped it at 14.5 GiB: too little to build a 9B checkpoint on the GPU
-        checkpoint = random_checkpoint(name, workdir)
+        checkpoint = common.random_checkpoint(name.removeprefix("qwen3-vl-"), workdir)[0]  # Qwen3-VL: "8b"
         for precision in precisions:
             common.reset_peak()
             start = time.perf_counter()

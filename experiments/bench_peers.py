@@ -500,22 +500,12 @@ def table(results: dict) -> list[dict]:
     return rows
 
 
-def random_checkpoint(model: str, workdir: Path) -> tuple[Path, dict]:
-    """Qwen3-VL at common.SIZES, or Qwen3.5 ("qwen3.5-4b": bench_qwen35_fp16's sizes, the notebook's default model)."""
-    if model.startswith("qwen3.5-"):
-        import bench_qwen35_fp16
-
-        size = model.removeprefix("qwen3.5-")
-        return bench_qwen35_fp16.random_checkpoint(size, workdir), {"family": "qwen3_5", "size": size}
-    return common.build_random_checkpoint(model, workdir)
-
-
 def parent(args) -> None:
     workdir = Path(args.workdir)
     started = time.perf_counter()
     helpers.seed_everything(0)
     common.synthetic_rows(args.rows, workdir)  # the images, written once for every worker
-    checkpoint, info = random_checkpoint(args.model, workdir)
+    checkpoint, info = common.random_checkpoint(args.model, workdir)
     helpers.release_memory()
     results = {"benchmark": "peers", "env": versions(), "checkpoint": info, "runs": {}, "ratios": {}}
     results["config"] = {

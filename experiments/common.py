@@ -206,6 +206,17 @@ def build_random_checkpoint(name: str, workdir: Path) -> tuple[Path, dict]:
     return out, info
 
 
+def random_checkpoint(name: str, workdir: Path) -> tuple[Path, dict]:
+    """build_random_checkpoint for Qwen3-VL ("2b", "8b", "tiny"), or Qwen3.5 at bench_qwen35_fp16's sizes for
+    "qwen3.5-<size>" ("qwen3.5-4b", "qwen3.5-tiny"): the checkpoint's folder and what is known of it."""
+    if name.startswith("qwen3.5-"):
+        import bench_qwen35_fp16  # it imports this module
+
+        size = name.removeprefix("qwen3.5-")
+        return bench_qwen35_fp16.random_checkpoint(size, workdir), {"family": "qwen3_5", "size": size}
+    return build_random_checkpoint(name, workdir)
+
+
 def load(path: Path, workdir: Path, image_size: int = 384, profile: str = "safe"):
     """The model (4-bit NF4 on CUDA) and processor through helpers, exactly as the notebook loads them."""
     cfg = helpers.Config(profile=profile, model_id=str(path), output_dir=str(workdir / "out"), image_size=image_size)

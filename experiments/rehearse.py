@@ -52,14 +52,10 @@ def competition_folder(workdir: Path, train_rows: int, test_rows: int) -> Path:
 
 
 def random_checkpoint(model: str, workdir: Path) -> Path:
-    """A random checkpoint at the real sizes: Qwen3-VL-2B/8B (common.py), the 48-layer Qwen3-VL-30B-A3B, or Qwen3.5
-    (bench_qwen35_fp16.py)."""
-    if model.startswith("qwen3.5-"):
-        import bench_qwen35_fp16
-
-        return bench_qwen35_fp16.random_checkpoint(model.removeprefix("qwen3.5-"), workdir)
+    """A random checkpoint at the real sizes: Qwen3-VL-2B/8B or Qwen3.5 (common.random_checkpoint), or the 48-layer
+    Qwen3-VL-30B-A3B."""
     if model != "30b":
-        return common.build_random_checkpoint(model, workdir)[0]
+        return common.random_checkpoint(model, workdir)[0]
     import bench_moe
 
     template = common.make_tiny_model.build_tiny_model(workdir / "tiny-moe-template", "qwen3_vl_moe")
