@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35-9b, qwen35_kernels-none, qwen35_kernels-fla, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, peers_qwen35_fp16, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, peers_qwen35_fp16, peers_qwen35_score, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
-#   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35
+#   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
+#                                               rehearse-qwen35-9b
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
 # "$OUT/" (the folder whose files come back from the GPU machine). The benchmarks write their JSON after every model,
 # so one cut short by its timeout still leaves what it measured.
@@ -89,15 +90,36 @@ rehearse rehearse-high 480 --model 8b --level high --precision fp16 --parallel o
 rehearse rehearse-1gpu 330 --model 8b --level safe --precision fp16 --parallel off
 # Qwen3.5-4B on one GPU in fp16, the T4 precision (600/200 rows: what the last device minutes of 2026-11-29 allowed)
 rehearse rehearse-qwen35 240 --model qwen3.5-4b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200
+# Qwen3.5-9B the same way (the model that would replace the default if it ran the whole notebook)
+rehearse rehearse-qwen35-9b 330 --model qwen3.5-9b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200
 
 run infer 240 experiments/bench_infer.py --rows 512 --original-rows 64 --batch-sizes 16,32 --repeats 2
 run profile 240 experiments/profile_infer.py --models 8b --rows 512
 run train 300 experiments/bench_train.py
 run moe 200 experiments/bench_moe.py
-run qwen35 560 experiments/bench_qwen35_fp16.py --models 4b,9b --steps 200
+run qwen35 560 experiments/bench_qwen35_fp16.py --models 4b --steps 200 --islands on
 run qwen35-off 330 experiments/bench_qwen35_fp16.py --models 4b --steps 200 --islands off
-# 9B within one 10-minute device call: 150 steps at about 2.5 s
-run qwen35-9b 560 experiments/bench_qwen35_fp16.py --models 9b --steps 150 --islands on
+# Qwen3.5-9B for 200 steps with and without the fp32 islands, the two runs side by side on the one GPU (each capped at
+# 14.5 GiB) so that both fit one 10-minute call: their skipped and non-finite steps are the measurement, their seconds
+# per step are not (they share the GPU). The first process builds the checkpoint and the images, the second waits.
+if [[ " $selected " == *" qwen35_9b_pair "* ]]; then
+    echo "== qwen35_9b_pair: bench_qwen35_fp16.py 9b, 200 steps, islands on and off side by side"
+    pids=()
+    for islands in on off; do
+        while [[ $islands == off && ! -f /tmp/qwen-vqa-bench/qwen3.5-9b-random/done ]] && kill -0 "${pids[0]}" 2>/dev/null; do
+            sleep 5
+        done
+        timeout -k 10 540 python3 experiments/bench_qwen35_fp16.py --models 9b --steps 200 --islands $islands \
+            --out "experiments/results/qwen35_9b_$islands.json" >"$OUT/qwen35_9b_$islands.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in 0 1; do
+        wait "${pids[$i]}" || failures+=("qwen35_9b_pair:$i:$?")
+    done
+    cp experiments/results/qwen35_9b_o*.json "$OUT/" 2>/dev/null
+    grep -h -v "it/s\]$" "$OUT"/qwen35_9b_o*.log | grep -v "falling back" | tail -n 20
+fi
+run profile_qwen35 300 experiments/profile_qwen35_precision.py --models qwen3.5-2b,qwen3.5-4b
 # Qwen3.5-4B without, then with flash-linear-attention's Triton DeltaNet kernels (transformers uses the
 # `fla` package where it imports). .whl-fla/ (carried, git-ignored): fla_core and flash_linear_attention 0.6.0, 1.5 MiB.
 #   bash experiments/run_gpu.sh qwen35_kernels-none qwen35_kernels-fla    # on an H200 fla refuses its backward (fla#640)
@@ -119,8 +141,11 @@ run peers_fp16 300 experiments/bench_peers.py --model 8b --precisions fp16 --too
 # Not run yet: 10 timed steps (3 were too noisy) and TRL also at the project's micro-batch: one precision per call
 run peers_equal_fp16 560 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,trl --steps 10 --micro-batches 2,16
 run peers_equal_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,trl --steps 10 --micro-batches 2,16
-# Not run yet: the same on Qwen3.5-4B, the notebook's default model since 2026-11-29
+# The same on Qwen3.5-4B, the notebook's default model since 2026-11-29 (its project process ran out of time)
 run peers_qwen35_fp16 560 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl --steps 10 --micro-batches 2,16
+# ... before scoring (micro-batch 2 took 130 of its 180 s): the project alone again, to score
+run peers_qwen35_score 300 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project --steps 5 \
+    --micro-batches 16 --worker-timeout 240
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"
