@@ -1500,13 +1500,11 @@ def cap_gpu_memory(gpus: list[int], cap_gib: float | None) -> dict[int, float]:
     return budget
 
 
-def plan_device_map(model_path: str, quantization_config, dtype: torch.dtype, gpu_gib: dict[int, float]) -> dict:
-    """A device_map for from_pretrained: the model's 4-bit weights on the fewest of the GPUs in `gpu_gib` ({index:
-    GiB}) that hold them with ACTIVATION_RESERVE_GIB to spare on each, spread evenly over those. Raises a ValueError
-    naming the model, its 4-bit size and the GPU memory if they cannot hold it. No weights are read: sizes come from
-    transformers' quantizer on a meta-device copy of the model."""
+def quantized_module_sizes(model_path: str, quantization_config, dtype: torch.dtype):
+    """The model on the meta device (no weights read), its quantizer, and the bytes of every module once loaded as
+    `quantization_config` says (transformers' own accounting; "" is the whole model)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
-    from transformers.integrations.accelerate import compute_module_sizes, infer_auto_device_map
+    from transformers.integrations.accelerate import compute_module_sizes
     from transformers.quantizers.auto import AutoHfQuantizer
 
     config = AutoConfig.from_pretrained(model_path)
@@ -1517,12 +1515,26 @@ def plan_device_map(model_path: str, quantization_config, dtype: torch.dtype, gp
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     quantizer.preprocess_model(model=model, dtype=dtype, device_map="auto", checkpoint_files=None, use_kernels=False)
-    module_sizes = compute_module_sizes(model, quantizer)[0]
+    return model, quantizer, compute_module_sizes(model, quantizer)[0]
+
+
+def plan_device_map(model_path: str, quantization_config, dtype: torch.dtype, gpu_gib: dict[int, float]) -> dict:
+    """A device_map for from_pretrained: the model's 4-bit weights on the fewest of the GPUs in `gpu_gib` ({index:
+    GiB}) that hold them with ACTIVATION_RESERVE_GIB to spare on each, spread evenly over those. Raises a ValueError
+    naming the model, its 4-bit size and the GPU memory if they cannot hold it. No weights are read: sizes come from
+    transformers' quantizer on a meta-device copy of the model."""
+    from transformers.integrations.accelerate import get_max_layer_size, infer_auto_device_map
+
+    model, quantizer, module_sizes = quantized_module_sizes(model_path, quantization_config, dtype)
     weights = module_sizes[""]
     largest_block = max(
         (module_sizes[name] for name, m in model.named_modules() if type(m).__name__ in model._no_split_modules),
         default=0,
     )
+    # infer_auto_device_map keeps room on the first GPU for the largest layer, to stream offloaded layers through it.
+    # Nothing is offloaded here, so that room is given back: without it the first GPU took up to that much less than
+    # its share (Qwen3.5-27B: its 2.4 GiB embeddings) and the last GPU, which also holds lm_head, the rest.
+    offload_room = get_max_layer_size(list(model.named_children()), module_sizes, model._no_split_modules)[0]
     gpus = list(gpu_gib)
     free = {gpu: max(0.0, gib - ACTIVATION_RESERVE_GIB) * 2**30 for gpu, gib in gpu_gib.items()}
     for n in range(1, len(gpus) + 1):
@@ -1532,10 +1544,12 @@ def plan_device_map(model_path: str, quantization_config, dtype: torch.dtype, gp
         # Even spread: each GPU but the last takes its share plus one block (layers do not split), the last the rest.
         share = weights / n + largest_block
         max_memory = {g: int(min(free[g], share)) for g in used[:-1]} | {used[-1]: int(free[used[-1]])}
+        max_memory[used[0]] += int(offload_room)
         device_map = infer_auto_device_map(
             model, max_memory=max_memory, no_split_module_classes=model._no_split_modules, hf_quantizer=quantizer
         )
-        if set(device_map.values()) <= set(used):
+        placed = {g: sum(module_sizes[m] for m, d in device_map.items() if d == g) for g in used}
+        if set(device_map.values()) <= set(used) and all(placed[g] <= free[g] for g in used):
             return device_map
     gpu_list = ", ".join(f"cuda:{g} {gib:.1f} GiB" for g, gib in gpu_gib.items())
     raise ValueError(

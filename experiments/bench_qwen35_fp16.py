@@ -56,6 +56,34 @@ SIZES = {
         vision=dict(depth=27, hidden_size=1152, intermediate_size=4304),
         tie=False,
     ),
+    # Qwen3.5-27B and Qwen3.6-27B (one architecture; their config.json): needs two T4s; planned (plan_fits.py) only
+    "27b": dict(
+        text=dict(
+            hidden_size=5120,
+            intermediate_size=17408,
+            num_hidden_layers=64,
+            num_attention_heads=24,
+            linear_num_value_heads=48,
+        ),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304),
+        tie=False,
+    ),
+    # Qwen3.5-35B-A3B and Qwen3.6-35B-A3B (one architecture; config.json): 40 layers of 256 experts of width 512, 8 per
+    # token, and a shared expert of 512; a qwen3_5_moe model, planned only like 27B
+    "35b-a3b": dict(
+        text=dict(
+            hidden_size=2048,
+            num_hidden_layers=40,
+            num_key_value_heads=2,
+            num_experts=256,
+            num_experts_per_tok=8,
+            moe_intermediate_size=512,
+            shared_expert_intermediate_size=512,
+        ),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304),
+        tie=False,
+        moe=True,
+    ),
     "tiny": dict(text=dict(hidden_size=128, intermediate_size=256), vision=dict(), tie=False),
 }
 SHARED_TEXT = dict(
@@ -76,15 +104,17 @@ SHARED_VISION = dict(num_heads=16, num_position_embeddings=2304)
 TABLE = ("optimizer_steps", "skipped_steps", "nonfinite_steps", "loss_last_10", "seconds_per_step", "score_rows_per_s")
 
 
-def random_checkpoint(name: str, workdir: Path) -> Path:
-    """A Qwen3.5 folder with random weights at `name`'s sizes and the tiny Qwen3.5 processor (its ids all fit)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+def template(name: str, workdir: Path) -> Path:
+    """The tiny model of `name`'s architecture (qwen3_5, or qwen3_5_moe for an MoE size): its config and processor."""
+    arch = "qwen3_5_moe" if SIZES[name].get("moe") else "qwen3_5"
+    return common.make_tiny_model.build_tiny_model(workdir / f"tiny-{arch}", arch)
 
-    out = workdir / f"qwen3.5-{name}-random"
-    if (out / "done").exists():
-        return out
-    template = common.make_tiny_model.build_tiny_model(workdir / "tiny-qwen3_5", "qwen3_5")
-    d = AutoConfig.from_pretrained(template).to_dict()
+
+def real_size_config(name: str, template_dir: Path):
+    """The tiny model's config (its special token ids match its processor) at `name`'s real sizes."""
+    from transformers import AutoConfig
+
+    d = AutoConfig.from_pretrained(template_dir).to_dict()
     spec = SIZES[name]
     if name != "tiny":
         text = dict(SHARED_TEXT, **spec["text"])
@@ -93,7 +123,18 @@ def random_checkpoint(name: str, workdir: Path) -> Path:
         d["text_config"]["rope_parameters"]["mrope_section"] = [11, 11, 10]  # sums to 256 * 0.25 / 2
         d["vision_config"].update(SHARED_VISION, **spec["vision"], out_hidden_size=text["hidden_size"])
         d["tie_word_embeddings"] = spec["tie"]
-    config = type(AutoConfig.from_pretrained(template)).from_dict(d)
+    return type(AutoConfig.from_pretrained(template_dir)).from_dict(d)
+
+
+def random_checkpoint(name: str, workdir: Path) -> Path:
+    """A Qwen3.5 folder with random weights at `name`'s sizes and the tiny Qwen3.5 processor (its ids all fit)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = workdir / f"qwen3.5-{name}-random"
+    if (out / "done").exists():
+        return out
+    template_dir = template(name, workdir)
+    config = real_size_config(name, template_dir)
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -101,7 +142,7 @@ def random_checkpoint(name: str, workdir: Path) -> Path:
         model = AutoModelForImageTextToText.from_config(config, dtype=helpers.compute_dtype())
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(out)
-    AutoProcessor.from_pretrained(template).save_pretrained(out)
+    AutoProcessor.from_pretrained(template_dir).save_pretrained(out)
     del model
     helpers.release_memory()
     (out / "done").touch()

@@ -1,7 +1,9 @@
 """Where the 4-bit weights go, planned on an empty (meta-device) model at the real sizes: no GPU, no weights."""
 
+import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 import make_tiny_model
 import pytest
@@ -13,6 +15,7 @@ import helpers
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import bench_moe  # noqa: E402 (the real Qwen3-VL-30B-A3B sizes)
+import bench_qwen35_fp16  # noqa: E402 (the real Qwen3.5 and Qwen3.6 sizes)
 import common  # noqa: E402 (the real Qwen3-VL-2B/8B sizes)
 
 T4_X2 = {0: 15.0, 1: 15.0}  # GiB, as Kaggle's two T4s
@@ -53,3 +56,34 @@ def test_a_model_that_fits_one_gpu_goes_on_one(tmp_path, tiny_model_dirs):
     config.save_pretrained(tmp_path)
     assert helpers.plan_device_map(str(tmp_path), nf4(), torch.float16, T4_X2) == {"": 0}
     assert helpers.plan_device_map(str(tmp_path), nf4(), torch.float16, {1: 15.0}) == {"": 1}  # a fold's process
+
+
+@pytest.fixture(scope="module", params=["27b", "35b-a3b"])
+def qwen35_large(request, tmp_path_factory, tiny_model_dirs) -> str:
+    """Qwen3.5-27B (dense; Qwen3.6-27B's architecture) or Qwen3.6-35B-A3B (MoE; Qwen3.5-35B-A3B's), config only."""
+    arch = "qwen3_5_moe" if bench_qwen35_fp16.SIZES[request.param].get("moe") else "qwen3_5"
+    folder = tmp_path_factory.mktemp(request.param)
+    bench_qwen35_fp16.real_size_config(request.param, tiny_model_dirs[arch]).save_pretrained(folder)
+    return str(folder)
+
+
+def notebook_quantization(folder: str) -> BitsAndBytesConfig:
+    """The 4-bit config the notebook loads `folder` with: an MoE's fused experts in 4 bits too."""
+    kwargs = {"dtype": torch.float16, "quantization_config": nf4()}
+    if helpers.model_family(json.loads((Path(folder) / "config.json").read_text())["model_type"]).expert_tensors:
+        kwargs = helpers.moe_load_kwargs(folder, kwargs)
+    return kwargs["quantization_config"]
+
+
+def test_a_qwen35_model_too_large_for_one_t4_is_split_evenly_over_two(qwen35_large):
+    quantization = notebook_quantization(qwen35_large)
+    with pytest.raises(ValueError, match=r"does not fit: its 4-bit weights take (1[6-9]|2\d)\.\d GiB"):
+        helpers.plan_device_map(qwen35_large, quantization, torch.float16, {0: 15.0})
+    device_map = helpers.plan_device_map(qwen35_large, quantization, torch.float16, T4_X2)
+    sizes = helpers.quantized_module_sizes(qwen35_large, quantization, torch.float16)[2]
+    per_gpu = [sum(sizes[m] for m, d in device_map.items() if d == gpu) / 2**30 for gpu in (0, 1)]
+    assert set(device_map.values()) == {0, 1}
+    assert sum(per_gpu) == pytest.approx(sizes[""] / 2**30)  # every module placed once
+    # Even: accelerate's room for offloading on the first GPU (Qwen3.5-27B's 2.4 GiB embeddings) is given back;
+    # before, 27B went 5.8 + 10.5 GiB, leaving the last GPU, which holds lm_head, 4 GiB for activations.
+    assert abs(per_gpu[0] - per_gpu[1]) < 1.0
