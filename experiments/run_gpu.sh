@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, peers_qwen35_fp16, peers_qwen35_score, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b
@@ -146,6 +146,9 @@ run peers_qwen35_fp16 560 experiments/bench_peers.py --model qwen3.5-4b --precis
 # ... before scoring (micro-batch 2 took 130 of its 180 s): the project alone again, to score
 run peers_qwen35_score 300 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project --steps 5 \
     --micro-batches 16 --worker-timeout 240
+# Not run yet: the same in bf16, each tool's process given 240 s (the project's needed about 200 s in fp16)
+run peers_qwen35_bf16 580 experiments/bench_peers.py --model qwen3.5-4b --precisions bf16 --tools project,trl --steps 10 \
+    --micro-batches 2,16 --worker-timeout 240
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"
