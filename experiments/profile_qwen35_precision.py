@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import bench_train
 import common
 import torch
 from common import helpers
@@ -36,16 +37,14 @@ VARIANTS = (("bf16", "bf16", False), ("fp16, no islands", "fp16", False), ("fp16
 def step_fn(model, processor, rows, cfg: helpers.Config):
     """One optimizer step of helpers.fit's (forward and backward under its autocast, GradScaler, clipping, AdamW) on
     the same collated batch every time."""
-    params, optimizer = helpers.make_optimizer(model, cfg)
-    scaler, autocast = helpers.mixed_precision(model, cfg)
+    opt = bench_train.Optimizer(model, cfg)
     dataset = helpers.VQADataset(rows, helpers.pixel_budget(processor), train=True)
     batch = helpers.VQACollator(processor, train=True)([dataset[i] for i in range(len(rows))])
     model.train()
 
     def step() -> None:
-        helpers.accumulate_gradients(model, batch, BATCH, scaler, autocast)
-        helpers.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
-        optimizer.zero_grad(set_to_none=True)
+        helpers.accumulate_gradients(model, batch, BATCH, opt.scaler, opt.autocast)
+        opt.step()
 
     return step, int(batch["attention_mask"].sum())
 
