@@ -1413,7 +1413,7 @@ def load_model_and_processor(cfg: Config):
     `cfg.model_id` may be a Hub id or a local folder (Kaggle Models, the smoke profile's tiny model): find_local_model.
     On GPUs the weights go where plan_device_map says: a model that cannot fit stops here, before anything is loaded.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model_path = find_local_model(cfg.model_id)
     family = model_family(_checkpoint_config(model_path).get("model_type"))  # an unsupported model stops here
@@ -1422,20 +1422,11 @@ def load_model_and_processor(cfg: Config):
     set_pixel_budget(processor, cfg.image_size)  # images of at most image_size ** 2 pixels: the level's vision tokens
 
     dtype = compute_dtype(cfg.precision)
-    kwargs = dict(dtype=dtype, attn_implementation="sdpa")
+    kwargs = quantization_kwargs(model_path, dtype) | {"attn_implementation": "sdpa"}
     # cuDNN's attention backward returns NaN gradients on padded batches whose length is 64 modulo 128 (pytorch#196678;
     # on an H200 with torch 2.11, every such bf16 step of the 2B rehearsal: experiments/replay_nonfinite.py). SDPA then
     # takes its memory-efficient kernel, which gives finite gradients on the same batches (4% slower there).
     torch.backends.cuda.enable_cudnn_sdp(False)
-    if torch.cuda.is_available():
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    if family.expert_tensors:  # fused experts that BitsAndBytesConfig leaves in 16 bits: see the MoE section
-        kwargs = moe_load_kwargs(model_path, kwargs)
     if torch.cuda.is_available():
         gpus = [cfg.gpu] if cfg.gpu is not None else list(range(torch.cuda.device_count()))
         budget = cap_gpu_memory(gpus, cfg.gpu_memory_cap_gib)
@@ -1454,6 +1445,26 @@ def load_model_and_processor(cfg: Config):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
+
+
+def quantization_kwargs(model_path: str, dtype: torch.dtype, on_gpu: bool | None = None) -> dict:
+    """from_pretrained's dtype and 4-bit config for `model_path`: NF4 with double quantization on a GPU (on_gpu=None:
+    if there is one; a CPU keeps the weights unquantized), and an MoE's fused experts through the MoE loader."""
+    from transformers import BitsAndBytesConfig
+
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    kwargs = {"dtype": dtype}
+    if on_gpu:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if model_family(_checkpoint_config(model_path).get("model_type")).expert_tensors:
+        # fused experts that BitsAndBytesConfig leaves in 16 bits: see the MoE section
+        kwargs = moe_load_kwargs(model_path, kwargs, quantize_linears=on_gpu)
+    return kwargs
 
 
 def compute_in_fp32(model, names: tuple[str, ...]) -> int:
@@ -1548,7 +1559,7 @@ def plan_device_map(model_path: str, quantization_config, dtype: torch.dtype, gp
         device_map = infer_auto_device_map(
             model, max_memory=max_memory, no_split_module_classes=model._no_split_modules, hf_quantizer=quantizer
         )
-        placed = {g: sum(module_sizes[m] for m, d in device_map.items() if d == g) for g in used}
+        placed = weights_per_gpu(device_map, module_sizes)
         if set(device_map.values()) <= set(used) and all(placed[g] <= free[g] for g in used):
             return device_map
     gpu_list = ", ".join(f"cuda:{g} {gib:.1f} GiB" for g, gib in gpu_gib.items())
@@ -1557,6 +1568,14 @@ def plan_device_map(model_path: str, quantization_config, dtype: torch.dtype, gp
         f"hold {sum(free.values()) / 2**30:.1f} GiB of weights once {ACTIVATION_RESERVE_GIB} GiB each is kept for "
         "activations. Take a smaller model, or a machine with more GPU memory."
     )
+
+
+def weights_per_gpu(device_map: dict, module_sizes: dict) -> dict:
+    """Bytes of weights a device_map puts on each device, from quantized_module_sizes' sizes."""
+    placed = defaultdict(int)
+    for name, device in device_map.items():
+        placed[device] += module_sizes[name]
+    return dict(placed)
 
 
 # -- Vision attention over all images at once ------------------------------------------------------------------------
@@ -1697,17 +1716,17 @@ def _checkpoint_config(model_path: str) -> dict:
     return PretrainedConfig.get_config_dict(model_path)[0]
 
 
-def moe_load_kwargs(model_path: str, kwargs: dict) -> dict:
+def moe_load_kwargs(model_path: str, kwargs: dict, quantize_linears: bool) -> dict:
     """from_pretrained's kwargs for a Qwen3-VL-MoE checkpoint: the dense path's, with the MoE loader's quantization
     config instead of BitsAndBytesConfig; with none for a folder save_quantized_base wrote, whose config.json has it
     (transformers then rebuilds the 4-bit tensors instead of quantizing; a quantization_config passed, even None,
-    would replace the saved one)."""
+    would replace the saved one). quantize_linears: nn.Linear in 4 bits too, as on a GPU."""
     config_class = register_moe_quantizer()
     kwargs = {key: value for key, value in kwargs.items() if key != "quantization_config"}
     if "quantization_config" not in _checkpoint_config(model_path):
         # The dense path's settings. Linear4bit needs a GPU; on CPU nn.Linear stays fp32 as in the dense path.
         kwargs["quantization_config"] = config_class(
-            quantize_linears=torch.cuda.is_available(),
+            quantize_linears=quantize_linears,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],

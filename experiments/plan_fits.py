@@ -4,7 +4,7 @@
 
 For every model the notebook knows, at its real sizes (config only: experiments/common.py for Qwen3-VL,
 bench_moe.py for Qwen3-VL-30B-A3B, bench_qwen35_fp16.py for Qwen3.5 and Qwen3.6), helpers.plan_device_map plans the
-4-bit NF4 load (the MoE experts through helpers.moe_load_kwargs, as the notebook loads them) for one T4 and for two,
+4-bit NF4 load as a GPU loads it (helpers.quantization_kwargs: an MoE's experts too) for one T4 and for two,
 each counted at 14.5 GiB, the T4 stand-in cap of every GPU measurement here. Recorded: the 4-bit weights as
 transformers' quantizer counts them on a meta-device model, whether one T4 holds them with
 helpers.ACTIVATION_RESERVE_GIB to spare (else the planner's error), and on two T4s the GPUs used and the weights and
@@ -25,7 +25,6 @@ import bench_qwen35_fp16
 import common
 import torch
 from common import helpers
-from transformers import BitsAndBytesConfig
 
 MODELS = (
     "qwen3-vl-2b",
@@ -55,18 +54,8 @@ def real_size_config(name: str, workdir: Path):
 def plan(name: str, workdir: Path, t4_gib: float) -> dict:
     folder = workdir / f"plan-{name}"
     real_size_config(name, workdir).save_pretrained(folder)
-    kwargs = {
-        "dtype": torch.float16,
-        "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float16,
-        ),
-    }
-    if helpers.model_family(json.loads((folder / "config.json").read_text())["model_type"]).expert_tensors:
-        kwargs = helpers.moe_load_kwargs(str(folder), kwargs)
-    quantization = kwargs["quantization_config"]
+    # as a GPU loads it: on a CPU the MoE loader would leave nn.Linear unquantized, and count it in 16 bits
+    quantization = helpers.quantization_kwargs(str(folder), torch.float16, on_gpu=True)["quantization_config"]
     _, _, sizes = helpers.quantized_module_sizes(str(folder), quantization, torch.float16)
     entry = {"weights_gib": sizes[""] / GIB}
     try:
@@ -75,9 +64,7 @@ def plan(name: str, workdir: Path, t4_gib: float) -> dict:
     except ValueError as error:
         entry["one_t4"] = str(error).replace(str(folder), name)
     device_map = helpers.plan_device_map(str(folder), quantization, torch.float16, {0: t4_gib, 1: t4_gib})
-    per_gpu = {
-        gpu: sum(sizes[m] for m, d in device_map.items() if d == gpu) / GIB for gpu in sorted(set(device_map.values()))
-    }
+    per_gpu = {gpu: size / GIB for gpu, size in sorted(helpers.weights_per_gpu(device_map, sizes).items())}
     entry["t4_x2_weights_gib"] = per_gpu
     entry["t4_x2_room_gib"] = {gpu: t4_gib - gib for gpu, gib in per_gpu.items()}
     common.log(f"{name}: {entry}")

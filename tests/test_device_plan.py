@@ -1,9 +1,7 @@
 """Where the 4-bit weights go, planned on an empty (meta-device) model at the real sizes: no GPU, no weights."""
 
-import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 import make_tiny_model
 import pytest
@@ -36,7 +34,7 @@ def qwen3_vl_30b(tmp_path_factory) -> str:
 
 
 def test_the_30b_moe_is_split_over_two_t4s(qwen3_vl_30b):
-    quantization = helpers.moe_load_kwargs(qwen3_vl_30b, {"dtype": torch.float16, "quantization_config": nf4()})
+    quantization = helpers.quantization_kwargs(qwen3_vl_30b, torch.float16, on_gpu=True)
     device_map = helpers.plan_device_map(qwen3_vl_30b, quantization["quantization_config"], torch.float16, T4_X2)
     placed = Counter(device_map.values())
     assert set(placed) == {0, 1}  # both GPUs, never the CPU or the disk
@@ -46,7 +44,7 @@ def test_the_30b_moe_is_split_over_two_t4s(qwen3_vl_30b):
 
 
 def test_a_model_too_large_stops_before_loading_and_says_why(qwen3_vl_30b):
-    quantization = helpers.moe_load_kwargs(qwen3_vl_30b, {"dtype": torch.float16, "quantization_config": nf4()})
+    quantization = helpers.quantization_kwargs(qwen3_vl_30b, torch.float16, on_gpu=True)
     with pytest.raises(ValueError, match=r"30b.*does not fit: its 4-bit weights take 1\d\.\d GiB.*cuda:0 15\.0 GiB"):
         helpers.plan_device_map(qwen3_vl_30b, quantization["quantization_config"], torch.float16, {0: 15.0})
 
@@ -67,21 +65,13 @@ def qwen35_large(request, tmp_path_factory, tiny_model_dirs) -> str:
     return str(folder)
 
 
-def notebook_quantization(folder: str) -> BitsAndBytesConfig:
-    """The 4-bit config the notebook loads `folder` with: an MoE's fused experts in 4 bits too."""
-    kwargs = {"dtype": torch.float16, "quantization_config": nf4()}
-    if helpers.model_family(json.loads((Path(folder) / "config.json").read_text())["model_type"]).expert_tensors:
-        kwargs = helpers.moe_load_kwargs(folder, kwargs)
-    return kwargs["quantization_config"]
-
-
 def test_a_qwen35_model_too_large_for_one_t4_is_split_evenly_over_two(qwen35_large):
-    quantization = notebook_quantization(qwen35_large)
+    quantization = helpers.quantization_kwargs(qwen35_large, torch.float16, on_gpu=True)["quantization_config"]
     with pytest.raises(ValueError, match=r"does not fit: its 4-bit weights take (1[6-9]|2\d)\.\d GiB"):
         helpers.plan_device_map(qwen35_large, quantization, torch.float16, {0: 15.0})
     device_map = helpers.plan_device_map(qwen35_large, quantization, torch.float16, T4_X2)
     sizes = helpers.quantized_module_sizes(qwen35_large, quantization, torch.float16)[2]
-    per_gpu = [sum(sizes[m] for m, d in device_map.items() if d == gpu) / 2**30 for gpu in (0, 1)]
+    per_gpu = [helpers.weights_per_gpu(device_map, sizes).get(gpu, 0) / 2**30 for gpu in (0, 1)]
     assert set(device_map.values()) == {0, 1}
     assert sum(per_gpu) == pytest.approx(sizes[""] / 2**30)  # every module placed once
     # Even: accelerate's room for offloading on the first GPU (Qwen3.5-27B's 2.4 GiB embeddings) is given back;
