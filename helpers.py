@@ -60,6 +60,12 @@ LETTERS = ("a", "b", "c", "d")
 # 1. Setup
 # ---------------------------------------------------------------------------------------------------------------------
 
+# Expandable segments: the CUDA allocator grows one segment in place instead of caching blocks of every size a step
+# asked for, which under a T4's 15 GiB leaves memory reserved but unusable. Unsloth sets the same. Torch reads it when
+# CUDA first allocates, so it takes effect when helpers is imported before anything touches the GPU (the setup cell;
+# the processes that train folds side by side inherit it). A value the user set wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 # -- Packages on Kaggle and Colab --------------------------------------------------------------------------------------
 # Hosted notebooks ship older versions of these than the notebook needs. The setup cell installs them before anything
 # imports transformers (this module imports only torch, numpy, pandas, PIL and tqdm at the top). The bounds are
@@ -2461,6 +2467,8 @@ def fold_summary(state: TrainState, fold: int) -> dict:
         "train_seconds": state.train_seconds,
         "data_wait_seconds": state.data_wait_seconds,
         "peak_gpu_gib": [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())],
+        # what the allocator held at most: above the peak by what fragmentation cost
+        "peak_reserved_gib": [torch.cuda.max_memory_reserved(i) / 2**30 for i in range(torch.cuda.device_count())],
         "nonfinite_steps": state.nonfinite_steps,
         "history": state.history,
         "losses": state.losses,
@@ -2547,7 +2555,8 @@ def fold_table(results: list[dict]) -> pd.DataFrame:
     """One row per fold for the notebook: best metrics, steps (skipped ones too), micro-batch, time. The per-epoch
     history and the non-finite step records stay in each fold's result.json."""
     table = pd.DataFrame(results)
-    return table.drop(columns=[c for c in ("history", "losses", "nonfinite_steps", "peak_gpu_gib") if c in table])
+    details = ("history", "losses", "nonfinite_steps", "peak_gpu_gib", "peak_reserved_gib")
+    return table.drop(columns=[c for c in details if c in table])
 
 
 def train_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame, cfg: Config) -> pd.DataFrame:

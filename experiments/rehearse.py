@@ -153,6 +153,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=helpers.Config.seed, help="Config.seed: folds, batch order, LoRA")
     parser.add_argument("--cap-gib", type=float, default=common.T4_CAP_GIB, help="GPU memory per GPU (T4 stand-in)")
     parser.add_argument(
+        "--expandable-segments",
+        choices=("on", "off"),
+        default="on",
+        help="the CUDA allocator's expandable segments: on is what helpers sets (PYTORCH_CUDA_ALLOC_CONF)",
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="build the checkpoint and data, then stop (run it "
@@ -172,9 +178,11 @@ def main() -> None:
     if args.prepare_only:
         common.log(f"prepared {data_dir} and {model_id} in {prepare_s:.0f} s")
         return
+    # Before anything allocates on the GPU, when torch reads it (helpers' import set the default already)
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = f"expandable_segments:{args.expandable_segments == 'on'}"
     parallel = {"auto": None, "on": True, "off": False}[args.parallel]
     name = f"{args.model} {args.level} {args.precision} parallel={args.parallel} gpus={torch.cuda.device_count()}"
-    name += f" rows={args.train_rows} seed={args.seed}"
+    name += f" rows={args.train_rows} seed={args.seed} expandable={args.expandable_segments}"
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil
@@ -191,6 +199,7 @@ def main() -> None:
         "cpu_cores": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
         "prepare_s": round(prepare_s, 1),
+        "alloc_conf": os.environ["PYTORCH_CUDA_ALLOC_CONF"],
     }
     common.log(f"rehearsal {name}: data {data_dir}, model {model_id}")
     anon_peak = AnonMemoryPeak()
@@ -220,6 +229,10 @@ def main() -> None:
             helpers.validate_submission(pd.read_csv(submission, dtype=str, keep_default_na=False), sample)
             entry["submission_valid"] = True
         entry["adapters_finite"] = adapters_finite(output_dir)
+        # Few segments, however many sizes were asked for, show the expandable ones took effect
+        entry["gpu_segments_peak"] = [
+            torch.cuda.memory_stats(i).get("segment.all.peak") for i in range(torch.cuda.device_count())
+        ]
         results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
         results[name] = entry
         common.write_json(args.out, results)
