@@ -24,7 +24,8 @@ rows with the trained adapter:
   "not run: <reason>". This path has never run: no machine here has Unsloth.
 
 For Qwen3.5 in fp16 the project runs its DeltaNet layers as fp32 islands (helpers.compute_in_fp32, the notebook's
-default on a T4); the peers have nothing of the kind and run them as transformers does.
+default on a T4); the peers have nothing of the kind and run them as transformers does. `--project-islands on,off`
+also times the project without them, in the same run: what they cost.
 
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
 synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
@@ -91,6 +92,7 @@ def project_config(args) -> helpers.Config:
         output_dir=str(Path(args.workdir) / "peers-out"),
         image_size=args.image_size,
         precision=args.precision,
+        fp32_islands=args.fp32_islands == "on",
     )
 
 
@@ -132,6 +134,9 @@ def run_project(args, df, result: dict, save) -> None:
     result["train"] = bench_train.project_way_auto(model, processor, cfg, train_df, batches, args.steps, info, None)
     save()
     for micro_batch in args.micro_batches:  # the peers' micro-batches: the same speed question at equal memory
+        if micro_batch == result["train"]["micro_batch"]:
+            result[f"train_mb{micro_batch}"] = result["train"]  # the largest that fits: measured already
+            continue
         common.log(f"project {args.precision}: training at micro-batch {micro_batch}")
         result[f"train_mb{micro_batch}"] = bench_train.project_way(
             model, processor, cfg, train_df, batches, args.steps, micro_batch, info, None
@@ -427,22 +432,24 @@ def worker(args) -> None:
 # -- The parent: one process per tool and precision ------------------------------------------------------------------
 
 
-def worker_command(args, tool: str, precision: str, micro_batch: int, out: Path, checkpoint: Path) -> list:
+def worker_command(
+    args, tool: str, precision: str, micro_batch: int, islands: str, out: Path, checkpoint: Path
+) -> list:
     shared = ["--model", args.model, "--workdir", args.workdir, "--rows", args.rows, "--steps", args.steps]
     shared += ["--image-size", args.image_size, "--cap", args.cap, "--score-rows", args.score_rows]
     shared += ["--generate-rows", args.generate_rows, "--micro-batches", ",".join(map(str, args.micro_batches))]
     own = ["--worker", tool, "--precision", precision, "--micro-batch", micro_batch, "--out", out]
-    own += ["--checkpoint", checkpoint]
+    own += ["--fp32-islands", islands, "--checkpoint", checkpoint]
     return [sys.executable, __file__, *map(str, shared + own)]
 
 
-def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Path) -> dict:
+def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Path, islands: str = "on") -> dict:
     if tool == "unsloth" and importlib.util.find_spec("unsloth") is None:
         return {"status": f"not run: unsloth is not installed here; {UNSLOTH_NOT_CARRIED}"}
-    result = Path(args.workdir) / "peers" / f"{tool}-{precision}-mb{micro_batch}.json"
+    result = Path(args.workdir) / "peers" / f"{tool}-{precision}-mb{micro_batch}-islands-{islands}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
-    command = worker_command(args, tool, precision, micro_batch, result, checkpoint)
+    command = worker_command(args, tool, precision, micro_batch, islands, result, checkpoint)
     common.log(
         f"== {tool} {precision} (micro-batch {micro_batch}): a process of its own, timeout {args.worker_timeout} s"
     )
@@ -470,7 +477,7 @@ def ratios(runs: dict) -> dict:
     project = runs.get("project", {})
     out = {}
     for name, peer in runs.items():
-        if name == "project" or "train" not in peer:
+        if name.startswith("project") or "train" not in peer:
             continue
         same_micro = project.get(f"train_mb{peer['micro_batch']}")
         out[name] = {
@@ -480,6 +487,12 @@ def ratios(runs: dict) -> dict:
             "train_peak_memory_at_peer_micro_batch": ratio(same_micro, peer["train"], "peak_gib"),
             "score_speed": ratio(project.get("score"), peer.get("score"), "rows_per_s"),
         }
+    without = runs.get("project, no fp32 islands")
+    if without and "train" in without:  # the islands' cost: below 1, they slow the project
+        out["project, no fp32 islands"] = {
+            "train_speed": ratio(project.get("train"), without["train"], "samples_per_s"),
+            "train_peak_memory": ratio(project.get("train"), without["train"], "peak_gib"),
+        }
     return out
 
 
@@ -488,6 +501,7 @@ def table(results: dict) -> list[dict]:
     for precision, runs in results["runs"].items():
         for name, run in runs.items():
             trainings = [(k, v) for k, v in run.items() if k.startswith("train") and isinstance(v, dict)]
+            trainings = [(k, v) for k, v in trainings if k == "train" or v != run["train"]]  # each measurement once
             if not trainings:
                 rows.append({"precision": precision, "tool": name, "status": run.get("status", "")[:100]})
             for key, train in trainings:
@@ -518,6 +532,7 @@ def parent(args) -> None:
         "warmup_steps": 1,
         "steps": args.steps,
         "peer_micro_batches": args.micro_batches,
+        "project_fp32_islands": args.project_islands,
         "gpu_memory_cap_gib": args.cap if torch.cuda.is_available() else None,
         "cap_scope": "torch.cuda.set_per_process_memory_fraction after loading, in every worker",
         "score_rows": {"project": args.score_rows, "generate": args.generate_rows},
@@ -541,10 +556,12 @@ def parent(args) -> None:
     for precision in args.precisions:
         runs = results["runs"].setdefault(precision, {})
         for tool in args.tools:
-            micro_batches = [0] if tool == "project" else args.micro_batches  # 0: the project finds its own
-            for micro_batch in micro_batches:
-                name = tool if tool == "project" else f"{tool} mb{micro_batch}"
-                runs[name] = run_worker(args, tool, precision, micro_batch, checkpoint)
+            if tool == "project":  # 0: it finds its own micro-batch; also without its fp32 islands where asked
+                workers = [("project" + ("" if i == "on" else ", no fp32 islands"), 0, i) for i in args.project_islands]
+            else:
+                workers = [(f"{tool} mb{m}", m, "on") for m in args.micro_batches]
+            for name, micro_batch, islands in workers:
+                runs[name] = run_worker(args, tool, precision, micro_batch, checkpoint, islands)
                 common.log(f"{name} {precision}: {runs[name]['status']}")
                 results["ratios"][precision] = ratios(runs)
                 save()
@@ -571,17 +588,23 @@ def main() -> None:
     parser.add_argument("--score-rows", type=int, default=256, help="rows the project scores (letter_log_probs)")
     parser.add_argument("--generate-rows", type=int, default=32, help="rows each peer scores with generate()")
     parser.add_argument("--worker-timeout", type=int, default=180, help="seconds for each tool's process")
+    parser.add_argument(
+        "--project-islands", default="on", help="on, off or on,off: the project with / without its fp32 islands"
+    )
     # Set by the parent for a worker process
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--fp32-islands", default="on", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     args.micro_batches = [int(m) for m in args.micro_batches.split(",") if m.strip()]
+    args.project_islands = [i.strip() for i in args.project_islands.split(",") if i.strip()]
     problems = [f"unknown precision {p!r}" for p in args.precisions if p not in ("fp16", "bf16", "fp32")]
     problems += [f"unknown tool {t!r}" for t in args.tools if t not in TOOLS]
+    problems += [f"--project-islands {i!r}: on or off" for i in args.project_islands if i not in ("on", "off")]
     problems += [
         f"micro-batch {m} does not divide {EFFECTIVE_BATCH}" for m in args.micro_batches if EFFECTIVE_BATCH % m
     ]

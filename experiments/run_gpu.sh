@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal_fp16, peers_equal_bf16, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
-#                                               rehearse-qwen35-9b
+#                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc
 # A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
 # "$OUT/" (the folder whose files come back from the GPU machine). The benchmarks write their JSON after every model,
 # so one cut short by its timeout still leaves what it measured.
@@ -93,6 +93,30 @@ rehearse rehearse-qwen35 240 --model qwen3.5-4b --level safe --precision fp16 --
 # Qwen3.5-9B the same way (the model that would replace the default if it ran the whole notebook)
 rehearse rehearse-qwen35-9b 330 --model qwen3.5-9b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200
 
+# Qwen3.5 through the notebook with the CUDA allocator's expandable segments on (helpers' default since 2026-11-29)
+# and off, side by side on the one GPU, each capped at 14.5 GiB and on 4 cores of its own: whether the 9B's fold 1
+# still runs out of memory at micro-batch 16 (it did with them off), and what the default 4B holds. Their peaks and
+# micro-batches are the measurement; their seconds are not (they share the GPU).
+for size in 9b 4b; do
+    [[ " $selected " == *" rehearse-$size-alloc "* ]] || continue
+    echo "== rehearse-$size-alloc: rehearse.py qwen3.5-$size, expandable segments on and off side by side"
+    args=(--model "qwen3.5-$size" --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200)
+    python3 experiments/rehearse.py --out /dev/null --prepare-only "${args[@]}" 2>&1 | tail -n 2
+    pids=()
+    for alloc in on off; do
+        cores=$([[ $alloc == on ]] && echo 0-3 || echo 4-7)
+        MPLBACKEND=Agg timeout -s INT -k 30 540 taskset -c "$cores" python3 experiments/rehearse.py "${args[@]}" \
+            --expandable-segments $alloc --out "experiments/results/rehearsal_alloc_${size}_$alloc.json" \
+            >"$OUT/rehearse-$size-alloc-$alloc.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in 0 1; do
+        wait "${pids[$i]}" || failures+=("rehearse-$size-alloc:$i:$?")
+    done
+    cp experiments/results/rehearsal_alloc_"$size"_o*.json "$OUT/" 2>/dev/null
+    grep -h "rehearsal .*total_s\|out of memory\|Error" "$OUT"/rehearse-$size-alloc-*.log | cut -c 1-400
+done
+
 run infer 240 experiments/bench_infer.py --rows 512 --original-rows 64 --batch-sizes 16,32 --repeats 2
 run profile 240 experiments/profile_infer.py --models 8b --rows 512
 run train 300 experiments/bench_train.py
@@ -138,17 +162,21 @@ run fits-2b 120 experiments/bench_fits.py --models qwen3.5-2b --precisions fp16
 run peers 400 experiments/bench_peers.py --model 8b
 # fp16 only, TRL's adapters cast back to fp32 (TRL 1.16 makes them bf16, which fp16 cannot train): about 4 minutes
 run peers_fp16 300 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,trl
-# Not run yet: 10 timed steps (3 were too noisy) and TRL also at the project's micro-batch: one precision per call
-run peers_equal_fp16 560 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,trl --steps 10 --micro-batches 2,16
-run peers_equal_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,trl --steps 10 --micro-batches 2,16
+# Equal memory at the project's setting: TRL at micro-batch 16 too, 10 timed steps (3 were too noisy), both precisions
+run peers_equal 580 experiments/bench_peers.py --model 8b --precisions fp16,bf16 --tools project,trl --steps 10 \
+    --micro-batches 16 --worker-timeout 150
 # The same on Qwen3.5-4B, the notebook's default model since 2026-11-29 (its project process ran out of time)
 run peers_qwen35_fp16 560 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl --steps 10 --micro-batches 2,16
 # ... before scoring (micro-batch 2 took 130 of its 180 s): the project alone again, to score
 run peers_qwen35_score 300 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project --steps 5 \
     --micro-batches 16 --worker-timeout 240
-# Not run yet: the same in bf16, each tool's process given 240 s (the project's needed about 200 s in fp16)
-run peers_qwen35_bf16 580 experiments/bench_peers.py --model qwen3.5-4b --precisions bf16 --tools project,trl --steps 10 \
-    --micro-batches 2,16 --worker-timeout 240
+# The same in bf16 at equal memory (micro-batch 16; at 2 fp16 showed parity and took most of that call)
+run peers_qwen35_bf16 400 experiments/bench_peers.py --model qwen3.5-4b --precisions bf16 --tools project,trl --steps 10 \
+    --micro-batches 16 --worker-timeout 180
+# fp16 at equal memory again, 20 timed steps, and the project also without its fp32 islands: what they cost
+run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl \
+    --project-islands on,off --micro-batches 16 --steps 20 --rows 336 --score-rows 128 --generate-rows 8 \
+    --worker-timeout 140
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"
