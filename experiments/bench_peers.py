@@ -19,9 +19,9 @@ rows with the trained adapter:
   chat template applied by the processor), with max_new_tokens=2: a trained model answers a letter and <|im_end|>.
 - unsloth: `FastVisionModel` with the settings of Unsloth's Kaggle-Qwen3_VL_(8B)-Vision notebook (4-bit,
   use_gradient_checkpointing="unsloth", UnslothVisionDataCollator, 8-bit AdamW, micro-batch 2), the same LoRA rank
-  and targets, answers only in the loss; scoring with generate as for TRL. Run only where `unsloth` imports; the GPU
-  machine does not have it and cannot be given it (UNSLOTH_NOT_CARRIED below), so there it is recorded as
-  "not run: <reason>". This path has never run: no machine here has Unsloth.
+  and targets, answers only in the loss; scoring with generate as for TRL. Run where `unsloth` imports, or from
+  --unsloth-site: on the GPU machine its packages need a device call of their own first (UNSLOTH_NOT_INSTALLED
+  below); without them it is recorded as "not run: <reason>". This path has not run yet.
 
 For Qwen3.5 in fp16 the project runs its DeltaNet layers as fp32 islands (helpers.compute_in_fp32, the notebook's
 default on a T4); the peers have nothing of the kind and run them as transformers does. `--project-islands on,off`
@@ -43,6 +43,7 @@ import argparse
 import importlib.metadata as md
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -58,17 +59,18 @@ EFFECTIVE_BATCH = bench_train.EFFECTIVE_BATCH  # 16, the `safe` level's
 TOOLS = ("project", "trl", "unsloth")
 VERSIONS = ("trl", "datasets", "unsloth", "unsloth_zoo", "xformers", "pyarrow")  # beside common.environment()'s
 
-# Why the GPU machine has no Unsloth. A device call carries at most 64 MiB of working tree; .whl/ (transformers 5.24,
-# peft, bitsandbytes) takes 54.9 MiB of it and the tracked files 1.2 MiB. Sizes of the manylinux x86_64 wheels for
-# Python 3.12 on the package index, 2026-11-29.
-UNSLOTH_NOT_CARRIED = (
-    "its wheels do not fit a device call: unsloth 2026.10.9 (the newest) is a 27.3 MiB wheel (25 MiB of it the "
-    "Unsloth Studio web app) and requires unsloth_zoo (2.8 MiB), torchao (3.2 MiB), pydantic + pydantic_core "
-    "(2.6 MiB), diffusers (6.1 MiB), hf_transfer (3.4 MiB), trl<=1.15, datasets<5 and smaller ones: 38-48 MiB, "
-    "beside the 54.9 MiB of .whl/ (bitsandbytes alone 41.1 MiB) and 1.2 MiB of tracked files, against 64 MiB. It "
-    "also requires transformers<=5.17 (the project: >=5.21). Releases before Studio are small (2026.3.1: 0.4 MiB) "
-    "but cap transformers at 5.2.0 (2026.3.1) or 4.57.6 (2026.2.1): one more transformers wheel (13 MiB), still "
-    "over. xformers (0.0.35, 3.1 MiB) is optional: Unsloth falls back to PyTorch attention"
+# Why Unsloth needs a call of its own first. A device call carries at most 64 MiB of working tree; .whl/ (transformers
+# 5.24, peft, bitsandbytes) takes 54.9 MiB of it and the tracked files about 6 MiB. unsloth 2026.10.9 (the newest) is a
+# 27.3 MiB wheel, 25 MiB of it the Unsloth Studio web app (its top-level `studio` package, which training never
+# imports), and requires transformers<=5.17 (the project: >=5.21; the GPU machine has 5.17), trl<=1.15 and
+# datasets<5. So .whl-unsloth/ (git-ignored, 56 MiB) holds the wheel without `studio` (2.2 MiB), unsloth_zoo, torchao,
+# trl 1.15, datasets 4.8.5 and the small packages they import, with bitsandbytes and peft: `run_gpu.sh unsloth-stage`
+# carries it alone and installs it into /tmp/site-unsloth; `run_gpu.sh peers_unsloth`, the next call on the same
+# (warm) machine, carries .whl/ as usual and runs the Unsloth worker on /tmp/site-unsloth (--unsloth-site) with the
+# machine's own transformers.
+UNSLOTH_NOT_INSTALLED = (
+    "unsloth is not installed for this run: its wheels and the project's do not fit one device call together (64 MiB); "
+    "run `run_gpu.sh unsloth-stage` first, then `peers_unsloth` on the same machine (bench_peers.py, top)"
 )
 
 
@@ -444,8 +446,14 @@ def worker_command(
 
 
 def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Path, islands: str = "on") -> dict:
-    if tool == "unsloth" and importlib.util.find_spec("unsloth") is None:
-        return {"status": f"not run: unsloth is not installed here; {UNSLOTH_NOT_CARRIED}"}
+    env = None
+    if tool == "unsloth":
+        if args.unsloth_site:  # its own packages first, and the machine's transformers rather than ours
+            if not (Path(args.unsloth_site) / "unsloth").is_dir():
+                return {"status": f"not run: no unsloth in {args.unsloth_site}; {UNSLOTH_NOT_INSTALLED}"}
+            env = os.environ | {"PYTHONPATH": args.unsloth_site}
+        elif importlib.util.find_spec("unsloth") is None:
+            return {"status": f"not run: {UNSLOTH_NOT_INSTALLED}"}
     result = Path(args.workdir) / "peers" / f"{tool}-{precision}-mb{micro_batch}-islands-{islands}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
@@ -454,7 +462,7 @@ def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Pa
         f"== {tool} {precision} (micro-batch {micro_batch}): a process of its own, timeout {args.worker_timeout} s"
     )
     try:
-        rc = subprocess.run(command, timeout=args.worker_timeout).returncode
+        rc = subprocess.run(command, timeout=args.worker_timeout, env=env).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     recorded = json.loads(result.read_text()) if result.exists() else {}
@@ -588,6 +596,9 @@ def main() -> None:
     parser.add_argument("--score-rows", type=int, default=256, help="rows the project scores (letter_log_probs)")
     parser.add_argument("--generate-rows", type=int, default=32, help="rows each peer scores with generate()")
     parser.add_argument("--worker-timeout", type=int, default=180, help="seconds for each tool's process")
+    parser.add_argument(
+        "--unsloth-site", help="a --target folder holding Unsloth and its requirements: the Unsloth worker's PYTHONPATH"
+    )
     parser.add_argument(
         "--project-islands", default="on", help="on, off or on,off: the project with / without its fp32 islands"
     )

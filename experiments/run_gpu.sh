@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-stage, peers_unsloth, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc
@@ -173,6 +173,20 @@ run peers_qwen35_score 300 experiments/bench_peers.py --model qwen3.5-4b --preci
 # The same in bf16 at equal memory (micro-batch 16; at 2 fp16 showed parity and took most of that call)
 run peers_qwen35_bf16 400 experiments/bench_peers.py --model qwen3.5-4b --precisions bf16 --tools project,trl --steps 10 \
     --micro-batches 16 --worker-timeout 180
+# Unsloth, in two calls on one warm machine (its wheels and .whl/ do not fit one call: bench_peers.py, top). First
+# `unsloth-stage` with only .whl-unsloth/ carried: installs it into /tmp/site-unsloth and imports it on the GPU; then
+# `peers_unsloth` with .whl/ and .whl-peers/ carried, within 30 s (the machine is given back when idle longer).
+if [[ " $selected " == *" unsloth-stage "* ]]; then
+    echo "== unsloth-stage: .whl-unsloth/ into /tmp/site-unsloth"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth \
+        .whl-unsloth/*.whl && PYTHONPATH=/tmp/site-unsloth python3 -c "
+import unsloth, transformers, trl
+from unsloth import FastVisionModel
+print('unsloth', unsloth.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)" 2>&1 |
+        tail -n 30 || failures+=("unsloth-stage")
+fi
+run peers_unsloth 560 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth --steps 10 \
+    --micro-batches 16,2 --worker-timeout 240 --unsloth-site /tmp/site-unsloth
 # fp16 at equal memory again, 20 timed steps, and the project also without its fp32 islands: what they cost
 run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl \
     --project-islands on,off --micro-batches 16 --steps 20 --rows 336 --score-rows 128 --generate-rows 8 \
