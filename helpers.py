@@ -63,8 +63,9 @@ LETTERS = ("a", "b", "c", "d")
 # Expandable segments: the CUDA allocator grows one segment in place instead of caching blocks of every size a step
 # asked for, which under a T4's 15 GiB leaves memory reserved but unusable. Unsloth sets the same. Torch reads it when
 # CUDA first allocates, so it takes effect when helpers is imported before anything touches the GPU (the setup cell;
-# the processes that train folds side by side inherit it). A value the user set wins.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# the processes that train folds side by side inherit it). A value the user set, under either name, wins.
+if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 # -- Packages on Kaggle and Colab --------------------------------------------------------------------------------------
 # Hosted notebooks ship older versions of these than the notebook needs. The setup cell installs them before anything

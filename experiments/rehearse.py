@@ -10,7 +10,8 @@ Each run adds one entry to the results JSON (keyed by model, level, precision an
 wall time and peak GPU memory per GPU (this process; folds trained side by side report their own peaks per fold);
 per fold the optimizer steps, skipped and non-finite steps, the micro-batch found, training seconds and the time spent
 waiting for data; the peak host memory (RSS) of the process and of its largest child; whether
-submission_ensemble.csv validated against sample_submission.csv and every adapter weight is finite.
+submission_ensemble.csv validated against sample_submission.csv and every adapter weight is finite; the CUDA
+allocator's setting (--expandable-segments, on as helpers sets it) and its peak segment count.
 """
 
 from __future__ import annotations
