@@ -230,7 +230,7 @@ def main() -> None:
             helpers.validate_submission(pd.read_csv(submission, dtype=str, keep_default_na=False), sample)
             entry["submission_valid"] = True
         entry["adapters_finite"] = adapters_finite(output_dir)
-        # Few segments, however many sizes were asked for, show the expandable ones took effect
+        # Which allocator ran: dozens of segments without expandable segments, 0 with them (torch does not count them)
         entry["gpu_segments_peak"] = [
             torch.cuda.memory_stats(i).get("segment.all.peak") for i in range(torch.cuda.device_count())
         ]

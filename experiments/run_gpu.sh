@@ -182,8 +182,8 @@ if [[ " $selected " == *" unsloth-stage "* ]]; then
         .whl-unsloth/*.whl && PYTHONPATH=/tmp/site-unsloth python3 -c "
 import unsloth, transformers, trl
 from unsloth import FastVisionModel
-print('unsloth', unsloth.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)" 2>&1 |
-        tail -n 30 || failures+=("unsloth-stage")
+print('unsloth', unsloth.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)" ||
+        failures+=("unsloth-stage")
 fi
 run peers_unsloth 560 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth --steps 10 \
     --micro-batches 16,2 --worker-timeout 240 --unsloth-site /tmp/site-unsloth
