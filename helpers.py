@@ -439,7 +439,7 @@ class Config:
     time_budget_hours: float | None = None  # the session time this run may take, from the setup cell: training stops
     # in time to score and submit. None: 8.5 on Kaggle (sessions end after 9-12 h), unlimited elsewhere
     lora_alpha: int | None = None  # None: 2 * lora_r
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.05  # 0 (Unsloth's default) steps about 1.07x faster, without this regularisation
     lora_targets: tuple[str, ...] | None = None  # projections of the language model that get adapters
     shuffle_options: bool = False  # permute the options of each training sample and remap its answer
 

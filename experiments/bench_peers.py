@@ -21,11 +21,15 @@ rows with the trained adapter:
   use_gradient_checkpointing="unsloth", UnslothVisionDataCollator, 8-bit AdamW, micro-batch 2), the same LoRA rank
   and targets, answers only in the loss; scoring with generate as for TRL. Run where `unsloth` imports, or from
   --unsloth-site: on the GPU machine its packages need a device call of their own first (UNSLOTH_NOT_INSTALLED
-  below); without them it is recorded as "not run: <reason>". This path has not run yet.
+  below); without them it is recorded as "not run: <reason>". Its settings keep the notebook's LoRA dropout 0 (the
+  project's is 0.05: the `no-dropout` way below measures what that is worth).
 
 For Qwen3.5 in fp16 the project runs its DeltaNet layers as fp32 islands (helpers.compute_in_fp32, the notebook's
-default on a T4); the peers have nothing of the kind and run them as transformers does. `--project-islands on,off`
-also times the project without them, in the same run: what they cost.
+default on a T4); the peers have nothing of the kind and run them as transformers does.
+
+`--project-ways` times the project in more than one way, in the same run (PROJECT_WAYS): `no-islands` without its
+fp32 islands (what they cost), `no-dropout` with LoRA dropout 0 (Unsloth's default), and `compiled` with dropout 0
+and each language-model decoder layer compiled as one torch.compile region, as Unsloth compiles them.
 
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
 synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
@@ -86,6 +90,15 @@ def versions() -> dict:
 
 # -- Project -----------------------------------------------------------------------------------------------------------
 
+# --project-ways: the name each way's run has in the results, and its Config changes. `compiled` also compiles layers.
+PROJECT_WAYS = {
+    "default": ("project", {}),
+    "no-islands": ("project, no fp32 islands", {"fp32_islands": False}),
+    "no-dropout": ("project, LoRA dropout 0", {"lora_dropout": 0.0}),
+    "compiled": ("project, LoRA dropout 0, compiled layers", {"lora_dropout": 0.0}),
+    "loader": ("project, DataLoader workers", {}),  # collation in cfg.num_workers processes, as in helpers.fit
+}
+
 
 def project_config(args) -> helpers.Config:
     return helpers.Config(
@@ -94,8 +107,19 @@ def project_config(args) -> helpers.Config:
         output_dir=str(Path(args.workdir) / "peers-out"),
         image_size=args.image_size,
         precision=args.precision,
-        fp32_islands=args.fp32_islands == "on",
+        **PROJECT_WAYS[args.project_way][1],
     )
+
+
+def compile_decoder_layers(model) -> int:
+    """Compiles each decoder layer of the language model as one region (nn.Module.compile), as Unsloth does: the
+    gradient checkpoint stays around the layer, and its norms, rotary embedding, LoRA branches and residual adds are
+    fused. Dynamic shapes from the first call: batches differ in length, and a recompile would fall in a timed step."""
+    torch._dynamo.config.assume_static_by_default = False
+    layers = [m for m in model.modules() if type(m).__name__.endswith("TextDecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def score_letters(model, processor, df, cfg) -> dict:
@@ -128,12 +152,19 @@ def run_project(args, df, result: dict, save) -> None:
         "image_size": cfg.image_size,
         "optimizer": "AdamW (torch), GradScaler in fp16, clip 1.0",
         "vision_attention": "batched over images (helpers.batch_vision_attention)",
+        "fp32_islands": cfg.fp32_islands,
     }
+    if args.project_way == "compiled":
+        result["settings"]["compiled_layers"] = compile_decoder_layers(model)
     train_df = df.head(EFFECTIVE_BATCH * (1 + args.steps))  # the rows the peers train on
     batches = helpers.length_grouped_batches(helpers.prompt_lengths(train_df), EFFECTIVE_BATCH, seed=0)
     info = {"decoder_params": None}  # for MFU, which needs the GPU's peak TFLOP/s: left out here (tflops None)
     common.log(f"project {args.precision}: training, largest micro-batch that fits, {args.steps} timed step(s)")
-    result["train"] = bench_train.project_way_auto(model, processor, cfg, train_df, batches, args.steps, info, None)
+    workers = cfg.num_workers if args.project_way == "loader" else 0
+    result["settings"]["dataloader_workers"] = workers
+    result["train"] = bench_train.project_way_auto(
+        model, processor, cfg, train_df, batches, args.steps, info, None, workers
+    )
     save()
     for micro_batch in args.micro_batches:  # the peers' micro-batches: the same speed question at equal memory
         if micro_batch == result["train"]["micro_batch"]:
@@ -141,7 +172,7 @@ def run_project(args, df, result: dict, save) -> None:
             continue
         common.log(f"project {args.precision}: training at micro-batch {micro_batch}")
         result[f"train_mb{micro_batch}"] = bench_train.project_way(
-            model, processor, cfg, train_df, batches, args.steps, micro_batch, info, None
+            model, processor, cfg, train_df, batches, args.steps, micro_batch, info, None, workers
         )
         save()
     common.log(f"project {args.precision}: letter scoring of {args.score_rows} rows")
@@ -434,18 +465,16 @@ def worker(args) -> None:
 # -- The parent: one process per tool and precision ------------------------------------------------------------------
 
 
-def worker_command(
-    args, tool: str, precision: str, micro_batch: int, islands: str, out: Path, checkpoint: Path
-) -> list:
+def worker_command(args, tool: str, precision: str, micro_batch: int, way: str, out: Path, checkpoint: Path) -> list:
     shared = ["--model", args.model, "--workdir", args.workdir, "--rows", args.rows, "--steps", args.steps]
     shared += ["--image-size", args.image_size, "--cap", args.cap, "--score-rows", args.score_rows]
     shared += ["--generate-rows", args.generate_rows, "--micro-batches", ",".join(map(str, args.micro_batches))]
     own = ["--worker", tool, "--precision", precision, "--micro-batch", micro_batch, "--out", out]
-    own += ["--fp32-islands", islands, "--checkpoint", checkpoint]
+    own += ["--project-way", way, "--checkpoint", checkpoint]
     return [sys.executable, __file__, *map(str, shared + own)]
 
 
-def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Path, islands: str = "on") -> dict:
+def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Path, way: str = "default") -> dict:
     env = None
     if tool == "unsloth":
         if args.unsloth_site:  # its own packages first, and the machine's transformers rather than ours
@@ -454,10 +483,10 @@ def run_worker(args, tool: str, precision: str, micro_batch: int, checkpoint: Pa
             env = os.environ | {"PYTHONPATH": args.unsloth_site}
         elif importlib.util.find_spec("unsloth") is None:
             return {"status": f"not run: {UNSLOTH_NOT_INSTALLED}"}
-    result = Path(args.workdir) / "peers" / f"{tool}-{precision}-mb{micro_batch}-islands-{islands}.json"
+    result = Path(args.workdir) / "peers" / f"{tool}-{precision}-mb{micro_batch}-{way}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
-    command = worker_command(args, tool, precision, micro_batch, islands, result, checkpoint)
+    command = worker_command(args, tool, precision, micro_batch, way, result, checkpoint)
     common.log(
         f"== {tool} {precision} (micro-batch {micro_batch}): a process of its own, timeout {args.worker_timeout} s"
     )
@@ -495,12 +524,12 @@ def ratios(runs: dict) -> dict:
             "train_peak_memory_at_peer_micro_batch": ratio(same_micro, peer["train"], "peak_gib"),
             "score_speed": ratio(project.get("score"), peer.get("score"), "rows_per_s"),
         }
-    without = runs.get("project, no fp32 islands")
-    if without and "train" in without:  # the islands' cost: below 1, they slow the project
-        out["project, no fp32 islands"] = {
-            "train_speed": ratio(project.get("train"), without["train"], "samples_per_s"),
-            "train_peak_memory": ratio(project.get("train"), without["train"], "peak_gib"),
-        }
+    for name, other in runs.items():  # the project's default way / its other ways: below 1, the other way is faster
+        if name.startswith("project,") and "train" in other:
+            out[name] = {
+                "train_speed": ratio(project.get("train"), other["train"], "samples_per_s"),
+                "train_peak_memory": ratio(project.get("train"), other["train"], "peak_gib"),
+            }
     return out
 
 
@@ -540,7 +569,7 @@ def parent(args) -> None:
         "warmup_steps": 1,
         "steps": args.steps,
         "peer_micro_batches": args.micro_batches,
-        "project_fp32_islands": args.project_islands,
+        "project_ways": {way: PROJECT_WAYS[way] for way in args.project_ways},
         "gpu_memory_cap_gib": args.cap if torch.cuda.is_available() else None,
         "cap_scope": "torch.cuda.set_per_process_memory_fraction after loading, in every worker",
         "score_rows": {"project": args.score_rows, "generate": args.generate_rows},
@@ -564,12 +593,12 @@ def parent(args) -> None:
     for precision in args.precisions:
         runs = results["runs"].setdefault(precision, {})
         for tool in args.tools:
-            if tool == "project":  # 0: it finds its own micro-batch; also without its fp32 islands where asked
-                workers = [("project" + ("" if i == "on" else ", no fp32 islands"), 0, i) for i in args.project_islands]
+            if tool == "project":  # 0: it finds its own micro-batch, in each way asked
+                workers = [(PROJECT_WAYS[way][0], 0, way) for way in args.project_ways]
             else:
-                workers = [(f"{tool} mb{m}", m, "on") for m in args.micro_batches]
-            for name, micro_batch, islands in workers:
-                runs[name] = run_worker(args, tool, precision, micro_batch, checkpoint, islands)
+                workers = [(f"{tool} mb{m}", m, "default") for m in args.micro_batches]
+            for name, micro_batch, way in workers:
+                runs[name] = run_worker(args, tool, precision, micro_batch, checkpoint, way)
                 common.log(f"{name} {precision}: {runs[name]['status']}")
                 results["ratios"][precision] = ratios(runs)
                 save()
@@ -600,22 +629,24 @@ def main() -> None:
         "--unsloth-site", help="a --target folder holding Unsloth and its requirements: the Unsloth worker's PYTHONPATH"
     )
     parser.add_argument(
-        "--project-islands", default="on", help="on, off or on,off: the project with / without its fp32 islands"
+        "--project-ways", default="default", help=f"comma-separated, of {tuple(PROJECT_WAYS)}; default first"
     )
     # Set by the parent for a worker process
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    parser.add_argument("--fp32-islands", default="on", help=argparse.SUPPRESS)
+    parser.add_argument("--project-way", default="default", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     args.micro_batches = [int(m) for m in args.micro_batches.split(",") if m.strip()]
-    args.project_islands = [i.strip() for i in args.project_islands.split(",") if i.strip()]
+    args.project_ways = [w.strip() for w in args.project_ways.split(",") if w.strip()]
     problems = [f"unknown precision {p!r}" for p in args.precisions if p not in ("fp16", "bf16", "fp32")]
     problems += [f"unknown tool {t!r}" for t in args.tools if t not in TOOLS]
-    problems += [f"--project-islands {i!r}: on or off" for i in args.project_islands if i not in ("on", "off")]
+    problems += [f"unknown project way {w!r}" for w in args.project_ways if w not in PROJECT_WAYS]
+    if "project" in args.tools and args.project_ways[:1] != ["default"]:
+        problems.append("--project-ways must start with default: the other ways are measured against it")
     problems += [
         f"micro-batch {m} does not divide {EFFECTIVE_BATCH}" for m in args.micro_batches if EFFECTIVE_BATCH % m
     ]

@@ -169,24 +169,40 @@ def original_way(model, processor, cfg, rows: list[dict], batches, steps: int, i
 # -- Project way ------------------------------------------------------------------------------------------------------
 
 
-def project_step(model, dataset, collator, indices: list[int], micro_batch: int, opt: Optimizer) -> dict:
-    """What helpers.fit does for one optimizer step (collation done here in the main process, timed)."""
+def collate_here(dataset, collator):
+    """project_step's `next_batch` that collates the rows in the main process."""
+    return lambda indices: collator([dataset[i] for i in indices])
+
+
+def project_step(model, next_batch, indices: list[int], micro_batch: int, opt: Optimizer) -> dict:
+    """What helpers.fit does for one optimizer step; data_s: the time spent waiting for the batch."""
     start = time.perf_counter()
-    batch = collator([dataset[i] for i in indices])
+    batch = next_batch(indices)
     data_s = time.perf_counter() - start
     helpers.accumulate_gradients(model, batch, micro_batch, opt.scaler, opt.autocast)
     opt.step()
     return {"samples": len(indices), "tokens": int(batch["attention_mask"].sum()), "data_s": data_s}
 
 
-def project_way(model, processor, cfg, df, batches, steps: int, micro_batch: int, info: dict, tflops) -> dict:
+def project_way(
+    model, processor, cfg, df, batches, steps: int, micro_batch: int, info: dict, tflops, workers: int = 0
+) -> dict:
+    """Timed steps of the project's way. Batches are collated in the main process (workers=0: conservative, the
+    CPU time is in every step), or by `workers` DataLoader processes overlapping the GPU as in helpers.fit."""
     dataset = helpers.VQADataset(df, helpers.pixel_budget(processor), train=True)
     collator = helpers.VQACollator(processor, train=True)
     opt = Optimizer(model, cfg)
     model.train()
+    # The loader yields the warm-up and timed batches in the order measure() asks for them.
+    loader = iter(helpers.make_loader(dataset, collator, batches[: 1 + steps], workers)) if workers else None
+
+    def from_loader(indices):
+        return next(loader)
+
+    next_batch = from_loader if workers else collate_here(dataset, collator)
 
     def step(indices):
-        return project_step(model, dataset, collator, indices, micro_batch, opt)
+        return project_step(model, next_batch, indices, micro_batch, opt)
 
     try:
         result = measure(step, batches[:1], batches[1 : 1 + steps], info["decoder_params"], tflops)
@@ -196,13 +212,13 @@ def project_way(model, processor, cfg, df, batches, steps: int, micro_batch: int
     return {"micro_batch": micro_batch, "grad_accum": -(-EFFECTIVE_BATCH // micro_batch), **result}
 
 
-def project_way_auto(model, processor, cfg, df, batches, steps: int, info: dict, tflops) -> dict:
+def project_way_auto(model, processor, cfg, df, batches, steps: int, info: dict, tflops, workers: int = 0) -> dict:
     """The largest micro-batch that runs the warm-up and timed steps without out-of-memory (effective batch 16): from
     16 down, halving on out-of-memory as helpers.fit does."""
 
     def attempt(micro_batch: int) -> dict:
         common.log(f"  micro-batch {micro_batch}")
-        return project_way(model, processor, cfg, df, batches, steps, micro_batch, info, tflops)
+        return project_way(model, processor, cfg, df, batches, steps, micro_batch, info, tflops, workers)
 
     result, micro_batch = helpers.halve_on_out_of_memory(attempt, MICRO_BATCHES[0], cfg, "in training", "micro-batch")
     tried = {m: "out of memory" for m in MICRO_BATCHES if m > micro_batch}
@@ -234,7 +250,7 @@ def memory_levels(model, processor, df, checkpoint: Path, workdir: Path, cap: fl
         start = time.perf_counter()
         error = None
         try:
-            record = project_step(model, dataset, collator, indices, cfg.batch_size, opt)
+            record = project_step(model, collate_here(dataset, collator), indices, cfg.batch_size, opt)
             common.sync()
         except Exception as e:
             if not helpers.is_out_of_memory(e):
