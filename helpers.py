@@ -421,6 +421,8 @@ class Config:
     # larger GPU); None: the whole GPU
     fp32_islands: bool = True  # in fp16, the layers that overflow there (Qwen3.5's DeltaNet) compute in fp32; False
     # only to measure what they cost (experiments/bench_qwen35_fp16.py)
+    quantize_vision: bool = True  # the vision encoder in 4 bits too; False keeps it in 16 bits, as Unsloth does
+    # (4-bit vision broke Qwen2-VL-2B in Unsloth's tests): 0.2-0.9 GiB more weights (experiments/README, plan)
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -816,6 +818,7 @@ ADAPTER_FIELDS = (
     "lora_alpha",
     "lora_dropout",
     "lora_targets",
+    "quantize_vision",
     "lr",
     "epochs",
     "effective_batch",  # batch_size x grad_accum: the gradient of a step, whatever micro-batch fits
@@ -865,15 +868,20 @@ def scores_fingerprint(cfg: Config, name: str, folds: pd.DataFrame, test: pd.Dat
     """What a member's scores are made from: its adapter's files (or, zero-shot, the base model), the rows scored and
     the inference settings. The adapter's files rather than its fingerprint: a fold trained again is scored again."""
     if name == "zeroshot":
-        model = config_fields(cfg, ("model_id", "precision"))
+        model = config_fields(cfg, ("model_id", "precision", "quantize_vision"))
     else:
         model = {"adapter": files_hash(trained_dir(cfg, int(name[4:])) / "best_adapter")}
     rows = {"rows scored": data_hash(val_rows(name, folds)), "test data": data_hash(test)}
     return {**model, **rows, **config_fields(cfg, SCORE_FIELDS)}
 
 
+# Fields fingerprinted since a later version; an older fingerprint lacks them, and was made with their default then.
+FIELDS_ADDED_LATER = {"quantize_vision": True}
+
+
 def fingerprint_changes(stored: dict, expected: dict) -> list[str]:
     """'field: old -> new' for every field that differs."""
+    stored = {k: v for k, v in FIELDS_ADDED_LATER.items() if k in expected} | stored
     keys = {**stored, **expected}
     return [f"{k}: {stored.get(k)!r} -> {expected.get(k)!r}" for k in keys if stored.get(k) != expected.get(k)]
 
@@ -1429,7 +1437,8 @@ def load_model_and_processor(cfg: Config):
     set_pixel_budget(processor, cfg.image_size)  # images of at most image_size ** 2 pixels: the level's vision tokens
 
     dtype = compute_dtype(cfg.precision)
-    kwargs = quantization_kwargs(model_path, dtype) | {"attn_implementation": "sdpa"}
+    kwargs = quantization_kwargs(model_path, dtype, quantize_vision=cfg.quantize_vision)
+    kwargs["attn_implementation"] = "sdpa"
     # cuDNN's attention backward returns NaN gradients on padded batches whose length is 64 modulo 128 (pytorch#196678;
     # on an H200 with torch 2.11, every such bf16 step of the 2B rehearsal: experiments/replay_nonfinite.py). SDPA then
     # takes its memory-efficient kernel, which gives finite gradients on the same batches (4% slower there).
@@ -1454,12 +1463,21 @@ def load_model_and_processor(cfg: Config):
     return model, processor
 
 
-def quantization_kwargs(model_path: str, dtype: torch.dtype, on_gpu: bool | None = None) -> dict:
+# Every supported family's vision encoder (its blocks and mergers), as transformers 5 names it.
+VISION_ENCODER = "model.visual"
+
+
+def quantization_kwargs(
+    model_path: str, dtype: torch.dtype, on_gpu: bool | None = None, quantize_vision: bool = True
+) -> dict:
     """from_pretrained's dtype and 4-bit config for `model_path`: NF4 with double quantization on a GPU (on_gpu=None:
-    if there is one; a CPU keeps the weights unquantized), and an MoE's fused experts through the MoE loader."""
+    if there is one; a CPU keeps the weights unquantized), and an MoE's fused experts through the MoE loader.
+    quantize_vision=False leaves the vision encoder in `dtype`."""
     from transformers import BitsAndBytesConfig
 
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    # A list given replaces transformers' own (lm_head), so lm_head is listed again.
+    skip_modules = None if quantize_vision else ["lm_head", VISION_ENCODER]
     kwargs = {"dtype": dtype}
     if on_gpu:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -1467,10 +1485,11 @@ def quantization_kwargs(model_path: str, dtype: torch.dtype, on_gpu: bool | None
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip_modules,
         )
     if model_family(_checkpoint_config(model_path).get("model_type")).expert_tensors:
         # fused experts that BitsAndBytesConfig leaves in 16 bits: see the MoE section
-        kwargs = moe_load_kwargs(model_path, kwargs, quantize_linears=on_gpu)
+        kwargs = moe_load_kwargs(model_path, kwargs, quantize_linears=on_gpu, skip_modules=skip_modules)
     return kwargs
 
 
@@ -1723,7 +1742,7 @@ def _checkpoint_config(model_path: str) -> dict:
     return PretrainedConfig.get_config_dict(model_path)[0]
 
 
-def moe_load_kwargs(model_path: str, kwargs: dict, quantize_linears: bool) -> dict:
+def moe_load_kwargs(model_path: str, kwargs: dict, quantize_linears: bool, skip_modules: list | None = None) -> dict:
     """from_pretrained's kwargs for a Qwen3-VL-MoE checkpoint: the dense path's, with the MoE loader's quantization
     config instead of BitsAndBytesConfig; with none for a folder save_quantized_base wrote, whose config.json has it
     (transformers then rebuilds the 4-bit tensors instead of quantizing; a quantization_config passed, even None,
@@ -1737,6 +1756,7 @@ def moe_load_kwargs(model_path: str, kwargs: dict, quantize_linears: bool) -> di
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"],
+            llm_int8_skip_modules=skip_modules,
         )
     return kwargs
 

@@ -29,7 +29,9 @@ default on a T4); the peers have nothing of the kind and run them as transformer
 
 `--project-ways` times the project in more than one way, in the same run (PROJECT_WAYS): `no-islands` without its
 fp32 islands (what they cost), `no-dropout` with LoRA dropout 0 (Unsloth's default), and `compiled` with dropout 0
-and each language-model decoder layer compiled as one torch.compile region, as Unsloth compiles them.
+and each language-model decoder layer compiled as one torch.compile region, as Unsloth compiles them; `loader` with
+the rows collated by DataLoader workers, as helpers.fit does; `vision16` with the vision encoder in 16 bits, as
+Unsloth keeps it.
 
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
 synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
@@ -97,6 +99,7 @@ PROJECT_WAYS = {
     "no-dropout": ("project, LoRA dropout 0", {"lora_dropout": 0.0}),
     "compiled": ("project, LoRA dropout 0, compiled layers", {"lora_dropout": 0.0}),
     "loader": ("project, DataLoader workers", {}),  # collation in cfg.num_workers processes, as in helpers.fit
+    "vision16": ("project, vision encoder in 16 bits", {"quantize_vision": False}),  # as Unsloth loads it
 }
 
 

@@ -8,7 +8,8 @@ bench_moe.py for Qwen3-VL-30B-A3B, bench_qwen35_fp16.py for Qwen3.5 and Qwen3.6)
 each counted at 14.5 GiB, the T4 stand-in cap of every GPU measurement here. Recorded: the 4-bit weights as
 transformers' quantizer counts them on a meta-device model, whether one T4 holds them with
 helpers.ACTIVATION_RESERVE_GIB to spare (else the planner's error), and on two T4s the GPUs used and the weights and
-room left on each. Where results/fits.json loaded the same model on a GPU, its measured weights stand beside.
+room left on each. Where results/fits.json loaded the same model on a GPU, its measured weights stand beside. Also
+the vision encoder's weights in 4 and in 16 bits, and the model's with it in 16 (Config(quantize_vision=False)).
 
 This is the plan, not a run: what a training step needs beside the weights (the measured peaks: 3.3 GiB above the
 weights for Qwen3-VL-8B at micro-batch 16 and 384 px, 5.4 GiB for Qwen3.5-9B) is measured only for the models that
@@ -67,6 +68,14 @@ def plan(name: str, workdir: Path, t4_gib: float) -> dict:
     per_gpu = {gpu: size / GIB for gpu, size in sorted(helpers.weights_per_gpu(device_map, sizes).items())}
     entry["t4_x2_weights_gib"] = per_gpu
     entry["t4_x2_room_gib"] = {gpu: t4_gib - gib for gpu, gib in per_gpu.items()}
+    # Config(quantize_vision=False): the vision encoder in 16 bits, as Unsloth keeps it
+    vision_16 = helpers.quantization_kwargs(str(folder), torch.float16, on_gpu=True, quantize_vision=False)
+    _, _, sizes_16 = helpers.quantized_module_sizes(str(folder), vision_16["quantization_config"], torch.float16)
+    entry["vision_encoder_gib"] = {
+        "4-bit": sizes[helpers.VISION_ENCODER] / GIB,
+        "16-bit": sizes_16[helpers.VISION_ENCODER] / GIB,
+    }
+    entry["weights_gib_vision_16bit"] = sizes_16[""] / GIB
     common.log(f"{name}: {entry}")
     return entry
 
@@ -92,6 +101,9 @@ def main() -> None:
                 "one T4": "fits" if r["one_t4"] == "fits" else "no",
                 "T4 x2 weights GiB": " + ".join(f"{g:.1f}" for g in r["t4_x2_weights_gib"].values()),
                 "room GiB": " / ".join(f"{g:.1f}" for g in r["t4_x2_room_gib"].values()),
+                "vision 4-bit GiB": r["vision_encoder_gib"]["4-bit"],
+                "vision 16-bit GiB": r["vision_encoder_gib"]["16-bit"],
+                "weights, vision 16-bit": r["weights_gib_vision_16bit"],
             }
             for name, r in results["models"].items()
         ]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-stage, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-stage, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_vision16, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc
@@ -195,10 +195,13 @@ run peers_ways 520 experiments/bench_peers.py --model 8b --precisions fp16 --too
 # The project fed as helpers.fit feeds it (DataLoader workers) beside the benchmark's main-process collation.
 run peers_loader 150 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
     --micro-batches 16 --score-rows 16 --worker-timeout 75 --project-ways default,loader
-# Not run yet (after unsloth-stage): Unsloth beside the project's default, loader and no-dropout ways in one run.
-run peers_unsloth_ways 520 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
+# Not run yet (after unsloth-stage): Unsloth beside the project's default and DataLoader ways in one run.
+run peers_unsloth_ways 480 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
     --steps 30 --rows 600 --micro-batches 16 --score-rows 128 --worker-timeout 240 \
-    --project-ways default,loader,no-dropout --unsloth-site /tmp/site-unsloth
+    --project-ways default,loader --unsloth-site /tmp/site-unsloth
+# Not run yet: the vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16 and 2.
+run peers_vision16 400 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 20 --rows 400 \
+    --micro-batches 16,2 --score-rows 128 --worker-timeout 180 --project-ways default,vision16
 # fp16 at equal memory again, 20 timed steps, and the project also without its fp32 islands: what they cost
 run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl \
     --project-ways default,no-islands --micro-batches 16 --steps 20 --rows 336 --score-rows 128 --generate-rows 8 \

@@ -77,3 +77,40 @@ def test_a_qwen35_model_too_large_for_one_t4_is_split_evenly_over_two(qwen35_lar
     # Even: accelerate's room for offloading on the first GPU (Qwen3.5-27B's 2.4 GiB embeddings) is given back;
     # before, 27B went 5.8 + 10.5 GiB, leaving the last GPU, which holds lm_head, 4 GiB for activations.
     assert abs(per_gpu[0] - per_gpu[1]) < 1.0
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+def test_quantize_vision_false_keeps_the_vision_encoder_in_16_bits(arch, tiny_model_dirs):
+    """As transformers' quantizer converts the modules: every Linear of the vision encoder stays nn.Linear, the
+    language model's become Linear4bit, and lm_head stays as it was."""
+    path = str(tiny_model_dirs[arch])
+
+    def load_plan(quantize_vision: bool) -> tuple[dict, int, int]:
+        config = helpers.quantization_kwargs(path, torch.float16, on_gpu=True, quantize_vision=quantize_vision)
+        model, _, sizes = helpers.quantized_module_sizes(path, config["quantization_config"], torch.float16)
+        kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        linear_fp16 = sum(2 * model.get_submodule(name).weight.numel() for name in kinds if is_vision(name))
+        return kinds, sizes[helpers.VISION_ENCODER], linear_fp16
+
+    def is_vision(name: str) -> bool:
+        return name.startswith(helpers.VISION_ENCODER + ".")
+
+    (kinds_16, vision_16, linear_fp16), (kinds_4, vision_4, _) = load_plan(False), load_plan(True)
+    vision = [name for name in kinds_16 if is_vision(name)]
+    language = [name for name in kinds_16 if name.startswith("model.language_model.")]
+    assert vision and language
+    assert {kinds_16[name] for name in vision} == {"Linear"}
+    assert {kinds_4[name] for name in vision} == {"Linear4bit"}  # the default, as measured so far
+    assert {kinds_16[name] for name in language} == {kinds_4[name] for name in language} == {"Linear4bit"}
+    assert kinds_16.get("lm_head", "Linear") == kinds_4.get("lm_head", "Linear") == "Linear"
+    # the planner counts the difference: the vision Linears at 2 bytes a weight, against about half a byte in NF4
+    assert 0.6 * linear_fp16 < vision_16 - vision_4 < linear_fp16
+
+
+def test_a_fold_trained_before_quantize_vision_existed_is_still_reused():
+    """An older fingerprint lacks quantize_vision; it was made with the vision encoder in 4 bits, the default."""
+    expected = {"model_id": "m", "quantize_vision": True}
+    assert helpers.fingerprint_changes({"model_id": "m"}, expected) == []
+    assert helpers.fingerprint_changes({"model_id": "m"}, expected | {"quantize_vision": False}) == [
+        "quantize_vision: True -> False"
+    ]
