@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-stage, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_vision16, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-stage, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_qwen35, peers_vision16, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc
@@ -198,6 +198,10 @@ run peers_loader 150 experiments/bench_peers.py --model 8b --precisions fp16 --t
 # Not run yet (after unsloth-stage): Unsloth beside the project's default and DataLoader ways in one run.
 run peers_unsloth_ways 480 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
     --steps 30 --rows 600 --micro-batches 16 --score-rows 128 --worker-timeout 240 \
+    --project-ways default,loader --unsloth-site /tmp/site-unsloth
+# Not run yet (after unsloth-stage): the default model, Qwen3.5-4B; Unsloth vendors DeltaNet kernels for it.
+run peers_unsloth_qwen35 480 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,unsloth \
+    --steps 20 --rows 336 --micro-batches 16 --score-rows 128 --generate-rows 8 --worker-timeout 240 \
     --project-ways default,loader --unsloth-site /tmp/site-unsloth
 # Not run yet: the vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16 and 2.
 run peers_vision16 400 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 20 --rows 400 \
