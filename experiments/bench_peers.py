@@ -20,8 +20,8 @@ rows with the trained adapter:
 - unsloth: `FastVisionModel` with the settings of Unsloth's Kaggle-Qwen3_VL_(8B)-Vision notebook (4-bit,
   use_gradient_checkpointing="unsloth", UnslothVisionDataCollator, 8-bit AdamW, micro-batch 2), the same LoRA rank
   and targets, answers only in the loss; scoring with generate as for TRL. Run where `unsloth` imports, or from
-  --unsloth-site: on the GPU machine its packages need a device call of their own first (UNSLOTH_NOT_INSTALLED
-  below); without them it is recorded as "not run: <reason>". Its settings keep the notebook's LoRA dropout 0 (the
+  --unsloth-site: on the GPU machine, the folder run_gpu.sh installs .whl-unsloth/ into (UNSLOTH_NOT_INSTALLED
+  below); without it Unsloth is recorded as "not run: <reason>". Its settings keep the notebook's LoRA dropout 0 (the
   project's is 0.05: the `no-dropout` way below measures what that is worth).
 
 For Qwen3.5 in fp16 the project runs its DeltaNet layers as fp32 islands (helpers.compute_in_fp32, the notebook's
@@ -65,18 +65,18 @@ EFFECTIVE_BATCH = bench_train.EFFECTIVE_BATCH  # 16, the `safe` level's
 TOOLS = ("project", "trl", "unsloth")
 VERSIONS = ("trl", "datasets", "unsloth", "unsloth_zoo", "xformers", "pyarrow")  # beside common.environment()'s
 
-# Why Unsloth needs a call of its own first. A device call carries at most 64 MiB of working tree; .whl/ (transformers
-# 5.24, peft, bitsandbytes) takes 54.9 MiB of it and the tracked files about 6 MiB. unsloth 2026.10.9 (the newest) is a
-# 27.3 MiB wheel, 25 MiB of it the Unsloth Studio web app (its top-level `studio` package, which training never
-# imports), and requires transformers<=5.17 (the project: >=5.21; the GPU machine has 5.17), trl<=1.15 and
-# datasets<5. So .whl-unsloth/ (git-ignored, 56 MiB) holds the wheel without `studio` (2.2 MiB), unsloth_zoo, torchao,
-# trl 1.15, datasets 4.8.5 and the small packages they import, with bitsandbytes and peft: `run_gpu.sh unsloth-stage`
-# carries it alone and installs it into /tmp/site-unsloth; `run_gpu.sh peers_unsloth`, the next call on the same
-# (warm) machine, carries .whl/ as usual and runs the Unsloth worker on /tmp/site-unsloth (--unsloth-site) with the
-# machine's own transformers.
+# How Unsloth reaches the GPU machine. A device call carries at most 64 MiB of working tree, the tracked files about
+# 6 MiB of it. unsloth 2026.10.9 (the newest) is a 27.3 MiB wheel, 25 MiB of it the Unsloth Studio web app (its
+# top-level `studio` package, which training never imports), and requires transformers<=5.17 (the project: >=5.21;
+# the GPU machine has 5.17), trl<=1.15 and datasets<5. So .whl-unsloth/ (git-ignored, 14 MiB) holds the wheel without
+# `studio` (2.2 MiB; experiments/strip_wheel.py), unsloth_zoo, torchao, trl 1.15, datasets 4.8.5 and the small
+# packages they import. .whl/ (21 MiB) holds bitsandbytes without its libraries for CUDA versions other than 13.0 and
+# 13.2 (6.8 instead of 41.1 MiB), so both fit one call beside .whl-peers/. run_gpu.sh installs .whl-unsloth/ with
+# .whl/'s bitsandbytes, peft and qwen-vl-utils into /tmp/site-unsloth, apart from the project's /tmp/site, and the
+# Unsloth worker runs on it (--unsloth-site) with the machine's own transformers.
 UNSLOTH_NOT_INSTALLED = (
-    "unsloth is not installed for this run: its wheels and the project's do not fit one device call together (64 MiB); "
-    "run `run_gpu.sh unsloth-stage` first, then `peers_unsloth` on the same machine (bench_peers.py, top)"
+    "unsloth is not installed for this run: carry .whl-unsloth/ beside .whl/ and .whl-peers/ and pass "
+    "--unsloth-site /tmp/site-unsloth, as run_gpu.sh's peers_unsloth does (bench_peers.py, top)"
 )
 
 

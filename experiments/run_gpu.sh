@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-stage, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_qwen35, peers_vision16, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_qwen35, peers_vision16, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc
@@ -173,19 +173,25 @@ run peers_qwen35_score 300 experiments/bench_peers.py --model qwen3.5-4b --preci
 # The same in bf16 at equal memory (micro-batch 16; at 2 fp16 showed parity and took most of that call)
 run peers_qwen35_bf16 400 experiments/bench_peers.py --model qwen3.5-4b --precisions bf16 --tools project,trl --steps 10 \
     --micro-batches 16 --worker-timeout 180
-# Unsloth, in two calls on one warm machine (its wheels and .whl/ do not fit one call: bench_peers.py, top). First
-# `unsloth-stage` with only .whl-unsloth/ carried: installs it into /tmp/site-unsloth and imports it on the GPU; then
-# `peers_unsloth` with .whl/ and .whl-peers/ carried, within 30 s (the machine is given back when idle longer).
-# (Its first call, --steps 10 --micro-batches 16,2 --worker-timeout 240, ran past the 600 s of a device call: the
-# results its workers had written are in results/peers_unsloth_mb2.json.)
-if [[ " $selected " == *" unsloth-stage "* ]]; then
-    echo "== unsloth-stage: .whl-unsloth/ into /tmp/site-unsloth"
+# Unsloth: with .whl-unsloth/ carried too (beside .whl/ and .whl-peers/: about 37 MiB in all, bench_peers.py, top),
+# its packages go into /tmp/site-unsloth with bitsandbytes, peft and qwen-vl-utils from .whl/, apart from /tmp/site:
+# Unsloth needs the machine's transformers 5.17 and trl 1.15. The Unsloth worker runs on that folder alone
+# (--unsloth-site). `unsloth-check` imports it on the GPU. (Until bitsandbytes' wheel was stripped of its other CUDA
+# versions this took two calls, the results below among them. peers_unsloth's first call, --steps 10
+# --micro-batches 16,2 --worker-timeout 240, ran past the 600 s of a device call: the results its workers had
+# written are in results/peers_unsloth_mb2.json.)
+if [[ -d .whl-unsloth ]]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth \
-        .whl-unsloth/*.whl && PYTHONPATH=/tmp/site-unsloth python3 -c "
+        .whl-unsloth/*.whl .whl/bitsandbytes-*.whl .whl/peft-*.whl .whl/qwen_vl_utils-*.whl ||
+        echo "WARNING: installing .whl-unsloth/ failed; the Unsloth runs will say so"
+fi
+if [[ " $selected " == *" unsloth-check "* ]]; then
+    echo "== unsloth-check: Unsloth from /tmp/site-unsloth"
+    PYTHONPATH=/tmp/site-unsloth python3 -c "
 import unsloth, transformers, trl
 from unsloth import FastVisionModel
 print('unsloth', unsloth.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)" ||
-        failures+=("unsloth-stage")
+        failures+=("unsloth-check")
 fi
 run peers_unsloth 480 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth --steps 30 \
     --rows 600 --micro-batches 16 --worker-timeout 300 --unsloth-site /tmp/site-unsloth
@@ -195,11 +201,11 @@ run peers_ways 520 experiments/bench_peers.py --model 8b --precisions fp16 --too
 # The project fed as helpers.fit feeds it (DataLoader workers) beside the benchmark's main-process collation.
 run peers_loader 150 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
     --micro-batches 16 --score-rows 16 --worker-timeout 75 --project-ways default,loader
-# Not run yet (after unsloth-stage): Unsloth beside the project's default and DataLoader ways in one run.
+# Not run yet: Unsloth beside the project's default and DataLoader ways in one run.
 run peers_unsloth_ways 480 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
     --steps 30 --rows 600 --micro-batches 16 --score-rows 128 --worker-timeout 240 \
     --project-ways default,loader --unsloth-site /tmp/site-unsloth
-# Not run yet (after unsloth-stage): the default model, Qwen3.5-4B; Unsloth vendors DeltaNet kernels for it.
+# Not run yet: the default model, Qwen3.5-4B; Unsloth vendors DeltaNet kernels for it.
 run peers_unsloth_qwen35 480 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,unsloth \
     --steps 20 --rows 336 --micro-batches 16 --score-rows 128 --generate-rows 8 --worker-timeout 240 \
     --project-ways default,loader --unsloth-site /tmp/site-unsloth
