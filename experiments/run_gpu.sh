@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_qwen35, peers_vision16, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_vision16, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc
-# A failure of one is logged and does not stop the others. JSON goes to experiments/results/ and, with each log, to
-# "$OUT/" (the folder whose files come back from the GPU machine). The benchmarks write their JSON after every model,
-# so one cut short by its timeout still leaves what it measured.
+# A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
+# files come back from the GPU machine) as they run, and the JSON copied to experiments/results/. The benchmarks
+# write their JSON after every model, so one cut short, by its timeout or the device call's, still leaves what it
+# measured.
 # The GPU machine has no bitsandbytes (nor perhaps peft): both come as wheels in .whl/ (carried, git-ignored).
 # bench_peers.py also needs TRL and what it requires beyond the machine's packages (datasets, dill, multiprocess): the
 # wheels in .whl-peers/ (carried beside .whl/, git-ignored), installed with them where the folder is there.
@@ -50,11 +51,13 @@ run() {
         return
     fi
     echo "== $name: $script (timeout ${limit} s, $((SECONDS - started)) s elapsed)"
-    timeout -k 10 "$limit" python3 "$script" --out "experiments/results/${name%%-*}.json" "$@" 2>&1 | tee "$OUT/$name.log"
+    # The JSON is written under $OUT while it runs (what is there comes back even when the device call is cut
+    # short), starting from the committed one (some scripts add to it), and copied back to experiments/results/.
+    local json=${name%%-*}.json
+    [[ -f experiments/results/$json && ! -f $OUT/$json ]] && cp "experiments/results/$json" "$OUT/"
+    timeout -k 10 "$limit" python3 "$script" --out "$OUT/$json" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
-    if [[ -f experiments/results/${name%%-*}.json ]]; then
-        cp "experiments/results/${name%%-*}.json" "$OUT/"
-    fi
+    [[ -f $OUT/$json ]] && cp "$OUT/$json" experiments/results/
     if [[ $rc -ne 0 ]]; then
         [[ $rc -eq 124 || $rc -eq 137 ]] && echo "== $name: TIMED OUT after ${limit} s" || echo "== $name: FAILED (exit $rc)"
         failures+=("$name:$rc")
@@ -203,6 +206,10 @@ run peers_loader 150 experiments/bench_peers.py --model 8b --precisions fp16 --t
     --micro-batches 16 --score-rows 16 --worker-timeout 75 --project-ways default,loader
 # Not run yet: Unsloth beside the project's default and DataLoader ways in one run.
 run peers_unsloth_ways 480 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
+    --steps 30 --rows 600 --micro-batches 16 --score-rows 128 --worker-timeout 240 \
+    --project-ways default,loader --unsloth-site /tmp/site-unsloth
+# Not run yet: the same in bf16.
+run peers_unsloth_bf16 480 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,unsloth \
     --steps 30 --rows 600 --micro-batches 16 --score-rows 128 --worker-timeout 240 \
     --project-ways default,loader --unsloth-site /tmp/site-unsloth
 # Not run yet: the default model, Qwen3.5-4B; Unsloth vendors DeltaNet kernels for it.
