@@ -74,10 +74,11 @@ rehearse() {
     [[ " $selected " == *" $name "* ]] || return 0
     echo "== $name: rehearse.py $* (timeout ${limit} s, $((SECONDS - started)) s elapsed)"
     python3 experiments/rehearse.py --out /dev/null --prepare-only "$@" 2>&1 | tail -n 2
+    [[ ! -f $OUT/rehearsal.json ]] && cp experiments/results/rehearsal.json "$OUT/"  # as run() does with its JSON
     MPLBACKEND=Agg timeout -s INT -k 30 "$limit" taskset -c 0-3 python3 experiments/rehearse.py \
-        --out experiments/results/rehearsal.json "$@" 2>&1 | tee -a "$OUT/$name.log" | grep -v "it/s\]$"
+        --out "$OUT/rehearsal.json" "$@" 2>&1 | tee -a "$OUT/$name.log" | grep -v "it/s\]$"
     local rc=${PIPESTATUS[0]}
-    cp experiments/results/rehearsal.json "$OUT/" 2>/dev/null
+    cp "$OUT/rehearsal.json" experiments/results/ 2>/dev/null
     [[ $rc -eq 0 ]] && echo "== $name: done in $((SECONDS - started)) s elapsed" || failures+=("$name:$rc")
 }
 
