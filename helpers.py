@@ -422,7 +422,7 @@ class Config:
     fp32_islands: bool = True  # in fp16, the layers that overflow there (Qwen3.5's DeltaNet) compute in fp32; False
     # only to measure what they cost (experiments/bench_qwen35_fp16.py)
     quantize_vision: bool = True  # the vision encoder in 4 bits too; False keeps it in 16 bits, as Unsloth does
-    # (4-bit vision broke Qwen2-VL-2B in Unsloth's tests): 0.2-0.9 GiB more weights (experiments/README, plan)
+    # (4-bit vision broke Qwen2-VL-2B in Unsloth's tests): 0.5-0.8 GiB more weights (experiments/README, plan)
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
