@@ -218,7 +218,7 @@ run peers_unsloth_qwen35 480 experiments/bench_peers.py --model qwen3.5-4b --pre
     --steps 20 --rows 336 --micro-batches 16 --score-rows 128 --generate-rows 8 --worker-timeout 240 \
     --project-ways default,loader --unsloth-site /tmp/site-unsloth
 # Not run yet: the vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16 and 2.
-run peers_vision16 400 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 20 --rows 400 \
+run peers_vision16 400 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 400 \
     --micro-batches 16,2 --score-rows 128 --worker-timeout 180 --project-ways default,vision16
 # fp16 at equal memory again, 20 timed steps, and the project also without its fp32 islands: what they cost
 run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl \
