@@ -90,11 +90,6 @@ def versions() -> dict:
     return env
 
 
-def trainable_params(model) -> int:
-    """The adapter's size: every tool should train the same LoRA."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # -- Project -----------------------------------------------------------------------------------------------------------
 
 # --project-ways: the name each way's run has in the results, and its Config changes. `compiled` also compiles layers.
@@ -162,7 +157,7 @@ def run_project(args, df, result: dict, save) -> None:
         "vision_attention": "batched over images (helpers.batch_vision_attention)",
         "fp32_islands": cfg.fp32_islands,
     }
-    result["settings"]["trainable_params"] = trainable_params(model)
+    result["settings"]["trainable_params"] = common.trainable_params(model)
     if args.project_way == "compiled":
         result["settings"]["compiled_layers"] = compile_decoder_layers(model)
     train_df = df.head(EFFECTIVE_BATCH * (1 + args.steps))  # the rows the peers train on
@@ -359,7 +354,7 @@ def run_trl(args, df, result: dict, save) -> None:
         callbacks=[timer],
     )
     result["settings"]["optimizer"] = trainer.args.optim.value
-    result["settings"]["trainable_params"] = trainable_params(trainer.model)
+    result["settings"]["trainable_params"] = common.trainable_params(trainer.model)
     if args.precision == "fp16":
         # TRL 1.16 casts QLoRA adapters to bf16 whatever the precision, and fp16's GradScaler cannot unscale bf16
         # gradients ("_amp_foreach_non_finite_check_and_unscale_cuda" not implemented for 'BFloat16'): a T4 user
@@ -440,7 +435,7 @@ def run_unsloth(args, df, result: dict, save) -> None:
         model=model, tokenizer=processor, data_collator=collator, train_dataset=dataset, args=config, callbacks=[timer]
     )
     result["settings"]["optimizer"] = trainer.args.optim.value
-    result["settings"]["trainable_params"] = trainable_params(trainer.model)
+    result["settings"]["trainable_params"] = common.trainable_params(trainer.model)
     common.log(f"unsloth {args.precision}: training at micro-batch {micro_batch}, {args.steps} timed step(s)")
     result["train"] = train_with_trainer(trainer, timer, micro_batch)
     save()

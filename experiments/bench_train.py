@@ -193,13 +193,12 @@ def project_way(
     collator = helpers.VQACollator(processor, train=True)
     opt = Optimizer(model, cfg)
     model.train()
+    collate = collate_here(dataset, collator)
     # The loader yields the warm-up and timed batches in the order measure() asks for them.
     loader = iter(helpers.make_loader(dataset, collator, batches[: 1 + steps], workers)) if workers else None
 
-    def from_loader(indices):
-        return next(loader)
-
-    next_batch = from_loader if workers else collate_here(dataset, collator)
+    def next_batch(indices):
+        return next(loader) if loader else collate(indices)
 
     def step(indices):
         return project_step(model, next_batch, indices, micro_batch, opt)
@@ -285,7 +284,7 @@ def bench_model(name: str, args, df, checkpoint: Path, info: dict, results: dict
     common.cap_gpu_memory(args.cap)  # every training step below runs under the T4 stand-in cap
     model = helpers.attach_lora(model, cfg)
     results["lora"] = {"r": cfg.lora_r, "targets": list(cfg.lora_targets)}
-    results["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    results["trainable_params"] = common.trainable_params(model)
     rows = df.to_dict("records")
     batches = helpers.length_grouped_batches(helpers.prompt_lengths(df), EFFECTIVE_BATCH, seed=0)
 

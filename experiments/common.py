@@ -227,6 +227,11 @@ def load(path: Path, workdir: Path, image_size: int = 384, profile: str = "safe"
     return model, processor, cfg, seconds
 
 
+def trainable_params(model) -> int:
+    """The adapter's size (its trainable parameters): every tool and way compared should train the same LoRA."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @contextlib.contextmanager
 def image_by_image_vision_attention(model):
     """transformers' own vision attention (one SDPA call per image), as the original notebooks ran it."""

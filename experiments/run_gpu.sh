@@ -110,14 +110,14 @@ for size in 9b 4b; do
     for alloc in on off; do
         cores=$([[ $alloc == on ]] && echo 0-3 || echo 4-7)
         MPLBACKEND=Agg timeout -s INT -k 30 540 taskset -c "$cores" python3 experiments/rehearse.py "${args[@]}" \
-            --expandable-segments $alloc --out "experiments/results/rehearsal_alloc_${size}_$alloc.json" \
+            --expandable-segments $alloc --out "$OUT/rehearsal_alloc_${size}_$alloc.json" \
             >"$OUT/rehearse-$size-alloc-$alloc.log" 2>&1 &
         pids+=($!)
     done
     for i in 0 1; do
         wait "${pids[$i]}" || failures+=("rehearse-$size-alloc:$i:$?")
     done
-    cp experiments/results/rehearsal_alloc_"$size"_o*.json "$OUT/" 2>/dev/null
+    cp "$OUT"/rehearsal_alloc_"$size"_o*.json experiments/results/ 2>/dev/null  # written under $OUT, as run() does
     grep -h "rehearsal .*total_s\|out of memory\|Error" "$OUT"/rehearse-$size-alloc-*.log | cut -c 1-400
 done
 
@@ -184,7 +184,7 @@ run peers_qwen35_bf16 400 experiments/bench_peers.py --model qwen3.5-4b --precis
 # versions this took two calls, the results below among them. peers_unsloth's first call, --steps 10
 # --micro-batches 16,2 --worker-timeout 240, ran past the 600 s of a device call: the results its workers had
 # written are in results/peers_unsloth_mb2.json.)
-if [[ -d .whl-unsloth ]]; then
+if [[ -d .whl-unsloth && $selected == *unsloth* ]]; then  # only for the runs that use it: about 40 s
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth \
         .whl-unsloth/*.whl .whl/bitsandbytes-*.whl .whl/peft-*.whl .whl/qwen_vl_utils-*.whl ||
         echo "WARNING: installing .whl-unsloth/ failed; the Unsloth runs will say so"

@@ -85,15 +85,15 @@ def test_quantize_vision_false_keeps_the_vision_encoder_in_16_bits(arch, tiny_mo
     language model's become Linear4bit, and lm_head stays as it was."""
     path = str(tiny_model_dirs[arch])
 
+    def is_vision(name: str) -> bool:
+        return name.startswith(helpers.VISION_ENCODER + ".")
+
     def load_plan(quantize_vision: bool) -> tuple[dict, int, int]:
         config = helpers.quantization_kwargs(path, torch.float16, on_gpu=True, quantize_vision=quantize_vision)
         model, _, sizes = helpers.quantized_module_sizes(path, config["quantization_config"], torch.float16)
         kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         linear_fp16 = sum(2 * model.get_submodule(name).weight.numel() for name in kinds if is_vision(name))
         return kinds, sizes[helpers.VISION_ENCODER], linear_fp16
-
-    def is_vision(name: str) -> bool:
-        return name.startswith(helpers.VISION_ENCODER + ".")
 
     (kinds_16, vision_16, linear_fp16), (kinds_4, vision_4, _) = load_plan(False), load_plan(True)
     vision = [name for name in kinds_16 if is_vision(name)]
