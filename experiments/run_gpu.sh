@@ -205,21 +205,21 @@ run peers_ways 520 experiments/bench_peers.py --model 8b --precisions fp16 --too
 # The project fed as helpers.fit feeds it (DataLoader workers) beside the benchmark's main-process collation.
 run peers_loader 150 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
     --micro-batches 16 --score-rows 16 --worker-timeout 75 --project-ways default,loader
-# Not run yet: Unsloth beside the project's default and DataLoader ways in one run.
+# Unsloth beside the project's default and DataLoader ways in one run (7-9 minutes each with Unsloth's install).
 run peers_unsloth_ways 480 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
     --steps 30 --rows 600 --micro-batches 16 --score-rows 128 --worker-timeout 240 \
     --project-ways default,loader --unsloth-site /tmp/site-unsloth
-# Not run yet: the same in bf16.
+# The same in bf16.
 run peers_unsloth_bf16 480 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,unsloth \
     --steps 30 --rows 600 --micro-batches 16 --score-rows 128 --worker-timeout 240 \
     --project-ways default,loader --unsloth-site /tmp/site-unsloth
-# Not run yet: the default model, Qwen3.5-4B; Unsloth vendors DeltaNet kernels for it.
+# The default model, Qwen3.5-4B; Unsloth vendors DeltaNet kernels for it (in fp16 it trains in fp32 and timed out).
 run peers_unsloth_qwen35 480 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,unsloth \
     --steps 20 --rows 336 --micro-batches 16 --score-rows 128 --generate-rows 8 --worker-timeout 240 \
     --project-ways default,loader --unsloth-site /tmp/site-unsloth
-# Not run yet: the vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16 and 2.
-run peers_vision16 400 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 400 \
-    --micro-batches 16,2 --score-rows 128 --worker-timeout 180 --project-ways default,vision16
+# The vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16: 2 minutes.
+run peers_vision16 200 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
+    --micro-batches 16 --score-rows 16 --worker-timeout 100 --project-ways default,vision16
 # fp16 at equal memory again, 20 timed steps, and the project also without its fp32 islands: what they cost
 run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl \
     --project-ways default,no-islands --micro-batches 16 --steps 20 --rows 336 --score-rows 128 --generate-rows 8 \
