@@ -74,7 +74,7 @@ def peak_reserved_gib() -> float | None:
 def measure(step, warmup: list, timed: list, decoder_params: int, tflops: float | None) -> dict:
     """Run `step` on each warm-up batch untimed, then time each `timed` batch (CUDA synchronised) and summarise.
 
-    `step(batch)` does one full optimizer step and returns {"samples", "tokens", "data_s"}.
+    `step(batch)` does one full optimizer step and returns {"samples", "tokens", "data_s"} (the project's: and "loss").
     """
     for batch in warmup:
         step(batch)
@@ -99,6 +99,7 @@ def measure(step, warmup: list, timed: list, decoder_params: int, tflops: float 
         "tokens_per_s": tokens_per_s,
         "data_share": sum(r["data_s"] for r in records) / seconds,  # CPU time in image loading and the processor
         "step_s": [r["step_s"] for r in records],
+        "losses": [r.get("loss") for r in records],  # the project's steps: ways of computing one step should agree
         "peak_gib": common.peak_gib(),
         "peak_reserved_gib": peak_reserved_gib(),
         "mfu": 6 * decoder_params * tokens_per_s / (tflops * 1e12) if tflops else None,
@@ -179,9 +180,9 @@ def project_step(model, next_batch, indices: list[int], micro_batch: int, opt: O
     start = time.perf_counter()
     batch = next_batch(indices)
     data_s = time.perf_counter() - start
-    helpers.accumulate_gradients(model, batch, micro_batch, opt.scaler, opt.autocast)
+    loss = helpers.accumulate_gradients(model, batch, micro_batch, opt.scaler, opt.autocast)
     opt.step()
-    return {"samples": len(indices), "tokens": int(batch["attention_mask"].sum()), "data_s": data_s}
+    return {"samples": len(indices), "tokens": int(batch["attention_mask"].sum()), "data_s": data_s, "loss": loss}
 
 
 def project_way(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_vision16, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc
@@ -220,6 +220,12 @@ run peers_unsloth_qwen35 480 experiments/bench_peers.py --model qwen3.5-4b --pre
 # The vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16: 2 minutes.
 run peers_vision16 200 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
     --micro-batches 16 --score-rows 16 --worker-timeout 100 --project-ways default,vision16
+# Not run yet: Unsloth's checkpointing on the project's step, each part beside the default in one call: reentrant,
+# offloaded to the CPU (its 1.6 GiB less memory?), and with compiled layers (its 1.25x shorter median step?).
+run peers_checkpointing 420 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 30 \
+    --rows 600 --micro-batches 16 --score-rows 32 --worker-timeout 130 --project-ways default,reentrant,offload
+run peers_compiled 540 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 30 \
+    --rows 600 --micro-batches 16 --score-rows 32 --worker-timeout 230 --project-ways default,reentrant-compiled,unsloth-like
 # fp16 at equal memory again, 20 timed steps, and the project also without its fp32 islands: what they cost
 run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl \
     --project-ways default,no-islands --micro-batches 16 --steps 20 --rows 336 --score-rows 128 --generate-rows 8 \
