@@ -160,6 +160,12 @@ def main() -> None:
         help="the CUDA allocator's expandable segments: on is what helpers sets (PYTORCH_CUDA_ALLOC_CONF)",
     )
     parser.add_argument(
+        "--quantize-vision",
+        choices=("on", "off"),
+        default="on",
+        help="Config.quantize_vision: off keeps the vision encoder in 16 bits, as Unsloth does",
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="build the checkpoint and data, then stop (run it "
@@ -184,6 +190,7 @@ def main() -> None:
     parallel = {"auto": None, "on": True, "off": False}[args.parallel]
     name = f"{args.model} {args.level} {args.precision} parallel={args.parallel} gpus={torch.cuda.device_count()}"
     name += f" rows={args.train_rows} seed={args.seed} expandable={args.expandable_segments}"
+    name += " vision=16bit" if args.quantize_vision == "off" else ""  # the earlier runs' names stay as they were
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil
@@ -191,6 +198,7 @@ def main() -> None:
         shutil.rmtree(output_dir)
     os.environ.update(VQA_PROFILE=args.level, VQA_DATA_DIR=str(data_dir), VQA_OUTPUT_DIR=str(output_dir))
     overrides = dict(model_id=model_id, n_folds=args.folds, epochs=args.epochs, parallel_folds=parallel, seed=args.seed)
+    overrides["quantize_vision"] = args.quantize_vision == "on"
     if not tiny:
         overrides.update(precision=args.precision, gpu_memory_cap_gib=args.cap_gib)
     entry = {
