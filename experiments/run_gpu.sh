@@ -10,6 +10,7 @@
 # write their JSON after every model, so one cut short, by its timeout or the device call's, still leaves what it
 # measured.
 # The GPU machine has no bitsandbytes (nor perhaps peft): both come as wheels in .whl/ (carried, git-ignored).
+# experiments/fetch_wheels.sh downloads .whl/, .whl-peers/ and .whl-unsloth/ at the versions the results used.
 # bench_peers.py also needs TRL and what it requires beyond the machine's packages (datasets, dill, multiprocess): the
 # wheels in .whl-peers/ (carried beside .whl/, git-ignored), installed with them where the folder is there.
 cd "$(dirname "$0")/.." || exit 1
