@@ -232,10 +232,11 @@ run peers_unsloth_qwen35_fp32 540 experiments/bench_peers.py --model qwen3.5-4b 
 # The vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16: 2 minutes.
 run peers_vision16 200 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
     --micro-batches 16 --score-rows 16 --worker-timeout 100 --project-ways default,vision16
-# Not run yet: Unsloth's checkpointing on the project's step, each part beside the default in one call: reentrant,
-# offloaded to the CPU (its 1.6 GiB less memory?), and with compiled layers (its 1.25x shorter median step?).
-run peers_checkpointing 420 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 30 \
-    --rows 600 --micro-batches 16 --score-rows 32 --worker-timeout 130 --project-ways default,reentrant,offload
+# Unsloth's checkpointing on the project's step, each part beside the default in one call: offloaded to the CPU
+# (its 1.6 GiB less memory) and reentrant (3 minutes); then (not run yet) with compiled layers (its shorter median
+# step?), alone and with all of it.
+run peers_checkpointing 220 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 \
+    --rows 208 --micro-batches 16 --score-rows 16 --worker-timeout 75 --project-ways default,offload,reentrant
 run peers_compiled 540 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 30 \
     --rows 600 --micro-batches 16 --score-rows 32 --worker-timeout 230 --project-ways default,reentrant-compiled,unsloth-like
 # fp16 at equal memory again, 20 timed steps, and the project also without its fp32 islands: what they cost

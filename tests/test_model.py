@@ -6,9 +6,11 @@ import make_tiny_model
 import numpy as np
 import pytest
 import torch
+import transformers.modeling_utils
 from conftest import ARCHS, ROOT
 from PIL import Image
 from safetensors.torch import load_file
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 import helpers
 
@@ -135,6 +137,53 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dirs, tmp_path, s
         grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-6)
+
+
+CHECKPOINTING_WAYS = [
+    {},
+    {"reentrant_checkpointing": True},
+    {"offload_activations": True},
+    {"reentrant_checkpointing": True, "offload_activations": True},
+]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_5"])
+def test_every_checkpointing_way_gives_the_same_gradient(arch, tiny_model_dirs, tmp_path, sample_data, monkeypatch):
+    """Reentrant checkpointing and activations offloaded to the CPU change where the saved layer inputs live and how
+    the forward is replayed, not the gradient: the same LoRA weights and batch give the same gradient in every way,
+    LoRA dropout included (the replay draws the same masks)."""
+    offloads = []  # transformers' offload wraps each layer's checkpoint in torch's save_on_cpu
+
+    def counted_save_on_cpu(*args, **kwargs):
+        offloads.append(kwargs)
+        return torch.autograd.graph.save_on_cpu(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "save_on_cpu", counted_save_on_cpu)
+    grads = []
+    for way in CHECKPOINTING_WAYS:
+        cfg = cfg_for(arch, tiny_model_dirs, tmp_path, **way)
+        model, processor = helpers.load_model_and_processor(cfg)
+        torch.manual_seed(0)
+        peft_model = helpers.attach_lora(model, cfg)
+        for p in peft_model.parameters():  # non-zero B so every LoRA weight gets a gradient
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+        peft_model.train()  # checkpointing runs in training mode only (as helpers.fit trains)
+        layers = [m for m in peft_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert layers and all(m.gradient_checkpointing for m in layers)
+        reentrant = {m._gradient_checkpointing_func.keywords["use_reentrant"] for m in layers}
+        assert reentrant == {way.get("reentrant_checkpointing", False)}
+        batch = one_batch(processor, sample_data[0].head(4))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
+        torch.manual_seed(1)  # the dropout masks
+        offloads.clear()
+        helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
+        assert bool(offloads) == way.get("offload_activations", False)
+        grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
+    assert grads[0].abs().sum() > 0
+    for grad in grads[1:]:
+        torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_answer_loss_equals_full_logits_loss(tiny_model_dirs, tmp_path, sample_data):
