@@ -31,10 +31,10 @@ default on a T4); the peers have nothing of the kind and run them as transformer
 fp32 islands (what they cost), `no-dropout` with LoRA dropout 0 (Unsloth's default), and `compiled` with dropout 0
 and each language-model decoder layer compiled as one torch.compile region, as Unsloth compiles them; `loader` with
 the rows collated by DataLoader workers, as helpers.fit does; `vision16` with the vision encoder in 16 bits, as
-Unsloth keeps it; `reentrant` with torch's reentrant gradient checkpointing, as Unsloth runs it, and
-`reentrant-compiled` with that, dropout 0 and compiled layers (Unsloth's step without its offloading); `offload`
-with the layer inputs that checkpointing saves kept in CPU memory until the backward, as Unsloth does (its memory;
-transformers' `activation_checkpointing_enable(offload=True)`); `unsloth-like` with all of Unsloth's step: dropout 0,
+Unsloth keeps it; `reentrant` with torch's reentrant gradient checkpointing, as Unsloth runs it
+(Config.reentrant_checkpointing), and `reentrant-compiled` with that, dropout 0 and compiled layers (Unsloth's step
+without its offloading); `offload` with the layer inputs that checkpointing saves kept in CPU memory until the
+backward, as Unsloth does (Config.offload_activations); `unsloth-like` with all of Unsloth's step: dropout 0,
 reentrant checkpointing offloaded to the CPU, compiled layers.
 
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
@@ -97,8 +97,9 @@ def versions() -> dict:
 # -- Project -----------------------------------------------------------------------------------------------------------
 
 # --project-ways: the name each way's run has in the results, its Config changes, and what else it does (run_project):
-# "compile" each decoder layer, checkpoint "reentrant" (as Unsloth does), "offload" the saved layer inputs to the CPU
-# (as Unsloth does), feed the rows from a DataLoader ("loader", cfg.num_workers processes, as helpers.fit does).
+# "compile" each decoder layer, feed the rows from a DataLoader ("loader", cfg.num_workers processes, as helpers.fit
+# does). peers_checkpointing.json was made before reentrant_checkpointing and offload_activations were Config fields,
+# by the same transformers call (activation_checkpointing_enable) from here.
 PROJECT_WAYS = {
     "default": ("project", {}, ()),
     "no-islands": ("project, no fp32 islands", {"fp32_islands": False}, ()),
@@ -106,17 +107,17 @@ PROJECT_WAYS = {
     "compiled": ("project, LoRA dropout 0, compiled layers", {"lora_dropout": 0.0}, ("compile",)),
     "loader": ("project, DataLoader workers", {}, ("loader",)),
     "vision16": ("project, vision encoder in 16 bits", {"quantize_vision": False}, ()),  # as Unsloth loads it
-    "reentrant": ("project, reentrant checkpointing", {}, ("reentrant",)),
+    "reentrant": ("project, reentrant checkpointing", {"reentrant_checkpointing": True}, ()),
     "reentrant-compiled": (
         "project, LoRA dropout 0, reentrant checkpointing, compiled layers",
-        {"lora_dropout": 0.0},
-        ("reentrant", "compile"),
+        {"lora_dropout": 0.0, "reentrant_checkpointing": True},
+        ("compile",),
     ),
-    "offload": ("project, layer inputs offloaded to the CPU", {}, ("offload",)),
+    "offload": ("project, layer inputs offloaded to the CPU", {"offload_activations": True}, ()),
     "unsloth-like": (
         "project, LoRA dropout 0, reentrant checkpointing offloaded, compiled layers",
-        {"lora_dropout": 0.0},
-        ("reentrant", "offload", "compile"),
+        {"lora_dropout": 0.0, "reentrant_checkpointing": True, "offload_activations": True},
+        ("compile",),
     ),
 }
 
@@ -130,16 +131,6 @@ def project_config(args) -> helpers.Config:
         precision=args.precision,
         **PROJECT_WAYS[args.project_way][1],
     )
-
-
-def checkpoint_another_way(model, reentrant: bool, offload: bool) -> None:
-    """Turns transformers' activation checkpointing on again, another way than helpers' (non-reentrant, inputs kept
-    on the GPU). `reentrant`: torch's reentrant variant, as Unsloth runs it: each checkpointed forward runs without
-    autograd, so a compiled layer saves nothing but its input (compiled layers under the non-reentrant variant ran
-    out of memory: experiments/README, "Against Unsloth"). `offload`: each layer's saved input (16 rows x 327 tokens x
-    4096 x 2 bytes = 43 MB for Qwen3-VL-8B at micro-batch 16) waits for the backward in pinned CPU memory, as in
-    Unsloth's checkpointing; transformers 5.24 does it with torch's save_on_cpu around each layer's checkpoint."""
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant}, offload=offload)
 
 
 def compile_decoder_layers(model) -> int:
@@ -187,9 +178,7 @@ def run_project(args, df, result: dict, save) -> None:
     }
     result["settings"]["trainable_params"] = common.trainable_params(model)
     extras = PROJECT_WAYS[args.project_way][2]
-    if "reentrant" in extras or "offload" in extras:
-        checkpoint_another_way(model, reentrant="reentrant" in extras, offload="offload" in extras)
-    result["settings"]["checkpointing"] = {"reentrant": "reentrant" in extras, "offload": "offload" in extras}
+    result["settings"]["checkpointing"] = {"reentrant": cfg.reentrant_checkpointing, "offload": cfg.offload_activations}
     if "compile" in extras:
         result["settings"]["compiled_layers"] = compile_decoder_layers(model)
     train_df = df.head(EFFECTIVE_BATCH * (1 + args.steps))  # the rows the peers train on
