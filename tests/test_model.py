@@ -84,6 +84,7 @@ def test_training_step_moves_lora_and_nothing_else(arch, tiny_model_dirs, tmp_pa
     model, processor = helpers.load_model_and_processor(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     peft_model = helpers.attach_lora(model, cfg)
+    peft_model.train()  # as helpers.fit trains: dropout and gradient checkpointing on
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -124,6 +125,7 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dirs, tmp_path, s
     cfg = cfg_for("qwen3_vl", tiny_model_dirs, tmp_path, lora_dropout=0.0)
     model, processor = helpers.load_model_and_processor(cfg)
     peft_model = helpers.attach_lora(model, cfg)
+    peft_model.train()  # as helpers.fit trains: gradient checkpointing on
     for p in peft_model.parameters():  # non-zero B so every LoRA weight gets a gradient
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
