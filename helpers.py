@@ -1465,15 +1465,8 @@ def load_model_and_processor(cfg: Config):
     # runs the forward without autograd (transformers then makes the embeddings' output require grad, so that the
     # LoRA weights get theirs); offload keeps the inputs in pinned CPU memory (torch's save_on_cpu).
     # transformers 5.23 renamed gradient checkpointing "activation checkpointing"; 5.21 and 5.22 know only the old name.
-    checkpointing = {"use_reentrant": cfg.reentrant_checkpointing}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs=checkpointing, offload=cfg.offload_activations
-        )
-    else:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=checkpointing, offload=cfg.offload_activations
-        )
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": cfg.reentrant_checkpointing}, offload=cfg.offload_activations)
     return model, processor
 
 
