@@ -35,7 +35,8 @@ Unsloth keeps it; `reentrant` with torch's reentrant gradient checkpointing, as 
 (Config.reentrant_checkpointing), and `reentrant-compiled` with that, dropout 0 and compiled layers (Unsloth's step
 without its offloading); `offload` with the layer inputs that checkpointing saves kept in CPU memory until the
 backward, as Unsloth does (Config.offload_activations); `unsloth-like` with all of Unsloth's step: dropout 0,
-reentrant checkpointing offloaded to the CPU, compiled layers.
+reentrant checkpointing offloaded to the CPU, compiled layers; `reentrant-offload` with both checkpointing switches
+and nothing compiled (Unsloth's memory with the project's kernels). `--loader` feeds every way as `loader` does.
 
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
 synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
@@ -114,6 +115,11 @@ PROJECT_WAYS = {
         ("compile",),
     ),
     "offload": ("project, layer inputs offloaded to the CPU", {"offload_activations": True}, ()),
+    "reentrant-offload": (  # both of Unsloth's checkpointing ways, without its compiled layers
+        "project, reentrant checkpointing offloaded",
+        {"reentrant_checkpointing": True, "offload_activations": True},
+        (),
+    ),
     "unsloth-like": (
         "project, LoRA dropout 0, reentrant checkpointing offloaded, compiled layers",
         {"lora_dropout": 0.0, "reentrant_checkpointing": True, "offload_activations": True},
@@ -185,7 +191,7 @@ def run_project(args, df, result: dict, save) -> None:
     batches = helpers.length_grouped_batches(helpers.prompt_lengths(train_df), EFFECTIVE_BATCH, seed=0)
     info = {"decoder_params": None}  # for MFU, which needs the GPU's peak TFLOP/s: left out here (tflops None)
     common.log(f"project {args.precision}: training, largest micro-batch that fits, {args.steps} timed step(s)")
-    workers = cfg.num_workers if "loader" in extras else 0
+    workers = cfg.num_workers if "loader" in extras or args.loader else 0
     result["settings"]["dataloader_workers"] = workers
     result["train"] = bench_train.project_way_auto(
         model, processor, cfg, train_df, batches, args.steps, info, None, workers
@@ -497,7 +503,7 @@ def worker_command(args, tool: str, precision: str, micro_batch: int, way: str, 
     shared += ["--image-size", args.image_size, "--cap", args.cap, "--score-rows", args.score_rows]
     shared += ["--generate-rows", args.generate_rows, "--micro-batches", ",".join(map(str, args.micro_batches))]
     own = ["--worker", tool, "--precision", precision, "--micro-batch", micro_batch, "--out", out]
-    own += ["--project-way", way, "--checkpoint", checkpoint]
+    own += ["--project-way", way, "--checkpoint", checkpoint] + (["--loader"] if args.loader else [])
     return [sys.executable, __file__, *map(str, shared + own)]
 
 
@@ -597,6 +603,7 @@ def parent(args) -> None:
         "steps": args.steps,
         "peer_micro_batches": args.micro_batches,
         "project_ways": {way: PROJECT_WAYS[way] for way in args.project_ways},
+        "project_dataloader_workers": "every way" if args.loader else "the ways with 'loader'",
         "gpu_memory_cap_gib": args.cap if torch.cuda.is_available() else None,
         "cap_scope": "torch.cuda.set_per_process_memory_fraction after loading, in every worker",
         "score_rows": {"project": args.score_rows, "generate": args.generate_rows},
@@ -605,7 +612,8 @@ def parent(args) -> None:
         "checkpoint and the images, and computes the ratios",
         "train_throughput": "samples/s = 16 x timed optimizer steps / their summed wall time (CUDA synchronised), "
         "after one warm-up step; data preparation included in every tool's step time (the project: collation in "
-        "the main process, as bench_train.py; TRL and Unsloth: their Trainer's DataLoader, 0 workers by default)",
+        "the main process, as bench_train.py, unless --loader or the way says 'DataLoader workers'; TRL and "
+        "Unsloth: their Trainer's DataLoader, 0 workers by default)",
         "score_throughput": "project: rows / one timed letter_log_probs pass after a warm-up batch; peers: rows / "
         "summed generate() time after 2 warm-up rows",
         "peak_gib": "torch.cuda.max_memory_allocated over the timed steps or pass, weights included",
@@ -657,6 +665,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--project-ways", default="default", help=f"comma-separated, of {tuple(PROJECT_WAYS)}; default first"
+    )
+    parser.add_argument(
+        "--loader", action="store_true", help="every project way fed by DataLoader workers, as helpers.fit feeds it"
     )
     # Set by the parent for a worker process
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)

@@ -32,6 +32,13 @@ from common import helpers
 from safetensors.torch import load_file
 
 NOTEBOOK = common.ROOT / "Kaggle_Qwen_VQA_AllInOne.ipynb"
+# --checkpointing: the Config fields each way sets
+CHECKPOINTING = {
+    "default": {},
+    "reentrant": {"reentrant_checkpointing": True},
+    "offload": {"offload_activations": True},
+    "reentrant-offload": {"reentrant_checkpointing": True, "offload_activations": True},
+}
 
 
 def competition_folder(workdir: Path, train_rows: int, test_rows: int) -> Path:
@@ -166,6 +173,12 @@ def main() -> None:
         help="Config.quantize_vision: off keeps the vision encoder in 16 bits, as Unsloth does",
     )
     parser.add_argument(
+        "--checkpointing",
+        choices=tuple(CHECKPOINTING),
+        default="default",
+        help="Config.reentrant_checkpointing and offload_activations: how the layer inputs are saved and replayed",
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="build the checkpoint and data, then stop (run it "
@@ -191,6 +204,7 @@ def main() -> None:
     name = f"{args.model} {args.level} {args.precision} parallel={args.parallel} gpus={torch.cuda.device_count()}"
     name += f" rows={args.train_rows} seed={args.seed} expandable={args.expandable_segments}"
     name += " vision=16bit" if args.quantize_vision == "off" else ""  # the earlier runs' names stay as they were
+    name += f" checkpointing={args.checkpointing}" if args.checkpointing != "default" else ""
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil
@@ -199,6 +213,7 @@ def main() -> None:
     os.environ.update(VQA_PROFILE=args.level, VQA_DATA_DIR=str(data_dir), VQA_OUTPUT_DIR=str(output_dir))
     overrides = dict(model_id=model_id, n_folds=args.folds, epochs=args.epochs, parallel_folds=parallel, seed=args.seed)
     overrides["quantize_vision"] = args.quantize_vision == "on"
+    overrides.update(CHECKPOINTING[args.checkpointing])
     if not tiny:
         overrides.update(precision=args.precision, gpu_memory_cap_gib=args.cap_gib)
     entry = {

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_fp32, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
-#                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2
+#                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
+#                                               rehearse-checkpointing
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
 # files come back from the GPU machine) as they run, and the JSON copied to experiments/results/. The benchmarks
 # write their JSON after every model, so one cut short, by its timeout or the device call's, still leaves what it
@@ -101,6 +102,22 @@ rehearse rehearse-qwen35-9b 330 --model qwen3.5-9b --level safe --precision fp16
 # it), the gate for making that the default; one GPU, then two (folds side by side) where nvidia-h200-x2 is lent
 rehearse rehearse-vision16 240 --model qwen3.5-4b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200 --quantize-vision off
 rehearse rehearse-vision16-x2 300 --model qwen3.5-4b --level safe --precision fp16 --parallel on --train-rows 1000 --test-rows 300 --quantize-vision off
+
+# The default model through the whole notebook with each checkpointing way (Config.reentrant_checkpointing,
+# offload_activations), one after the other on the one GPU and 4 cores, into results/rehearsal_checkpointing.json:
+# the gate for making reentrant checkpointing the default (3 minutes each).
+if [[ " $selected " == *" rehearse-checkpointing "* ]]; then
+    args=(--model qwen3.5-4b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200)
+    python3 experiments/rehearse.py --out /dev/null --prepare-only "${args[@]}" 2>&1 | tail -n 2
+    for way in default reentrant reentrant-offload; do
+        echo "== rehearse-checkpointing: $way ($((SECONDS - started)) s elapsed)"
+        MPLBACKEND=Agg timeout -s INT -k 30 200 taskset -c 0-3 python3 experiments/rehearse.py "${args[@]}" \
+            --checkpointing $way --out "$OUT/rehearsal_checkpointing.json" 2>&1 |
+            tee "$OUT/rehearse-checkpointing-$way.log" | grep -v "it/s\]$" | grep "rehearsal \|Error\|out of memory"
+        [[ ${PIPESTATUS[0]} -eq 0 ]] || failures+=("rehearse-checkpointing:$way")
+    done
+    cp "$OUT/rehearsal_checkpointing.json" experiments/results/ 2>/dev/null
+fi
 
 # Qwen3.5 through the notebook with the CUDA allocator's expandable segments on (helpers' default since 2026-11-29)
 # and off, side by side on the one GPU, each capped at 14.5 GiB and on 4 cores of its own: whether the 9B's fold 1
@@ -229,6 +246,11 @@ run peers_unsloth_qwen35_bf16 480 experiments/bench_peers.py --model qwen3.5-4b 
 run peers_unsloth_qwen35_fp32 540 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 \
     --tools project,unsloth --steps 3 --rows 64 --micro-batches 16 --score-rows 32 --generate-rows 4 \
     --worker-timeout 420 --unsloth-site /tmp/site-unsloth
+# Unsloth at equal memory: the project with both checkpointing switches (Unsloth's memory), with reentrant
+# checkpointing alone and with neither, each fed as helpers.fit feeds it, 40 steps: 9 minutes.
+run peers_unsloth_equal 560 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
+    --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
+    --project-ways default,reentrant,reentrant-offload --unsloth-site /tmp/site-unsloth
 # The vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16: 2 minutes.
 run peers_vision16 200 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
     --micro-batches 16 --score-rows 16 --worker-timeout 100 --project-ways default,vision16
@@ -237,7 +259,7 @@ run peers_vision16 200 experiments/bench_peers.py --model 8b --precisions fp16 -
 # step?), alone and with all of it.
 run peers_checkpointing 220 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 \
     --rows 208 --micro-batches 16 --score-rows 16 --worker-timeout 75 --project-ways default,offload,reentrant
-run peers_compiled 540 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 30 \
+run peers_compiled 540 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 30 --loader \
     --rows 600 --micro-batches 16 --score-rows 32 --worker-timeout 230 --project-ways default,reentrant-compiled,unsloth-like
 # fp16 at equal memory again, 20 timed steps, and the project also without its fp32 islands: what they cost
 run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl \
