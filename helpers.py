@@ -233,8 +233,8 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 # huggingface_hub imports tqdm.auto, which warns in a kernel without ipywidgets (papermill) and falls back to the plain
 # bars that are switched off there anyway.
 warnings.filterwarnings("ignore", message="IProgress not found")
-# Reentrant checkpointing (Config.reentrant_checkpointing) warns on the vision encoder's blocks, which have no trainable
-# weights and so need no gradient.
+# Reentrant checkpointing (Config.reentrant_checkpointing, the default) warns on the vision encoder's blocks, which
+# have no trainable weights and so need no gradient.
 warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True. Gradients will be None")
 # The GradScaler skips the optimizer step whose fp16 gradients overflowed, and the schedule steps anyway, by design:
 # skipped steps are counted in result.json.
@@ -427,9 +427,10 @@ class Config:
     quantize_vision: bool = True  # the vision encoder in 4 bits too; False keeps it in 16 bits, as Unsloth does
     # (4-bit vision broke Qwen2-VL-2B in Unsloth's tests): 0.5-0.8 GiB more weights (experiments/README, plan)
     offload_activations: bool = False  # keep each checkpointed layer's input in CPU memory until the backward, as
-    # Unsloth does: 1.8 GiB less for Qwen3-VL-8B at micro-batch 16, at 0.92x the speed (experiments/README, peers)
-    reentrant_checkpointing: bool = False  # torch's reentrant checkpointing, as Unsloth runs it: 1.11x faster, same
-    # losses, in one 12-step run of Qwen3-VL-8B; the default once whole runs show it
+    # Unsloth does: 1.7 GiB less for Qwen3-VL-8B at micro-batch 16 at 0.91x the speed, 0.55 GiB less for Qwen3.5-4B
+    # at its speed (experiments/README, peers and rehearsal_checkpointing)
+    reentrant_checkpointing: bool = True  # torch's reentrant checkpointing, as Unsloth runs it: the same gradients,
+    # 1.06-1.11x the training speed of the non-reentrant variant (False) on Qwen3-VL-8B and Qwen3.5-4B, whole runs too
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -2419,6 +2420,7 @@ def train_step(run: FoldRun, state: TrainState, batch: dict) -> float:
     loss, state.micro_batch = halve_on_out_of_memory(
         backward, state.micro_batch, cfg, "in training", "micro-batch", clean_up=discard_gradients
     )
+    check_every_weight_has_a_gradient(run.model, run.params)
 
     # -- optimizer step, skipped on a non-finite loss or gradient
     grad_norm = math.nan
@@ -2438,6 +2440,19 @@ def train_step(run: FoldRun, state: TrainState, batch: dict) -> float:
     state.global_step += 1
     state.step_in_epoch += 1
     return loss
+
+
+def check_every_weight_has_a_gradient(model, params: list) -> None:
+    """Every trained weight got a gradient in this step's backward. Reentrant checkpointing (the default) gives none to
+    the weights of a checkpointed layer whose input requires none, such as the vision encoder's blocks, with only the
+    warning silenced at the top of this module: adapters there would train nothing, and nothing else would say so."""
+    if all(p.grad is not None for p in params):
+        return
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    raise RuntimeError(
+        f"no gradient reached {len(missing)} of the {len(params)} trained weights (the first: {missing[0]}); "
+        "set reentrant_checkpointing=False in the Config cell"
+    )
 
 
 def too_many_nonfinite_steps(run: FoldRun, state: TrainState) -> NonFiniteLossError:

@@ -100,12 +100,19 @@ def versions() -> dict:
 # --project-ways: the name each way's run has in the results, its Config changes, and what else it does (run_project):
 # "compile" each decoder layer, feed the rows from a DataLoader ("loader", cfg.num_workers processes, as helpers.fit
 # does). peers_checkpointing.json was made before reentrant_checkpointing and offload_activations were Config fields,
-# by the same transformers call (activation_checkpointing_enable) from here.
+# by the same transformers call (activation_checkpointing_enable) from here. "default" is the Config's defaults: with
+# non-reentrant checkpointing in every result made before reentrant became the default (each run's settings say);
+# the ways that measured against that set it explicitly, and `non-reentrant` is that old default.
 PROJECT_WAYS = {
     "default": ("project", {}, ()),
+    "non-reentrant": ("project, non-reentrant checkpointing", {"reentrant_checkpointing": False}, ()),
     "no-islands": ("project, no fp32 islands", {"fp32_islands": False}, ()),
     "no-dropout": ("project, LoRA dropout 0", {"lora_dropout": 0.0}, ()),
-    "compiled": ("project, LoRA dropout 0, compiled layers", {"lora_dropout": 0.0}, ("compile",)),
+    "compiled": (
+        "project, LoRA dropout 0, compiled layers",
+        {"lora_dropout": 0.0, "reentrant_checkpointing": False},
+        ("compile",),
+    ),
     "loader": ("project, DataLoader workers", {}, ("loader",)),
     "vision16": ("project, vision encoder in 16 bits", {"quantize_vision": False}, ()),  # as Unsloth loads it
     "reentrant": ("project, reentrant checkpointing", {"reentrant_checkpointing": True}, ()),
@@ -114,7 +121,11 @@ PROJECT_WAYS = {
         {"lora_dropout": 0.0, "reentrant_checkpointing": True},
         ("compile",),
     ),
-    "offload": ("project, layer inputs offloaded to the CPU", {"offload_activations": True}, ()),
+    "offload": (
+        "project, layer inputs offloaded to the CPU",
+        {"offload_activations": True, "reentrant_checkpointing": False},
+        (),
+    ),
     "reentrant-offload": (  # both of Unsloth's checkpointing ways, without its compiled layers
         "project, reentrant checkpointing offloaded",
         {"reentrant_checkpointing": True, "offload_activations": True},

@@ -32,12 +32,13 @@ from common import helpers
 from safetensors.torch import load_file
 
 NOTEBOOK = common.ROOT / "Kaggle_Qwen_VQA_AllInOne.ipynb"
-# --checkpointing: the Config fields each way sets
+# --checkpointing: the Config fields each way sets. Runs named without "checkpointing=" were made before the switch,
+# all non-reentrant; in results/rehearsal_checkpointing.json the run without it is the non-reentrant one.
 CHECKPOINTING = {
-    "default": {},
-    "reentrant": {"reentrant_checkpointing": True},
-    "offload": {"offload_activations": True},
+    "reentrant": {"reentrant_checkpointing": True, "offload_activations": False},  # the Config's default
     "reentrant-offload": {"reentrant_checkpointing": True, "offload_activations": True},
+    "non-reentrant": {"reentrant_checkpointing": False, "offload_activations": False},
+    "non-reentrant-offload": {"reentrant_checkpointing": False, "offload_activations": True},
 }
 
 
@@ -175,7 +176,7 @@ def main() -> None:
     parser.add_argument(
         "--checkpointing",
         choices=tuple(CHECKPOINTING),
-        default="default",
+        default="reentrant",
         help="Config.reentrant_checkpointing and offload_activations: how the layer inputs are saved and replayed",
     )
     parser.add_argument(
@@ -204,7 +205,7 @@ def main() -> None:
     name = f"{args.model} {args.level} {args.precision} parallel={args.parallel} gpus={torch.cuda.device_count()}"
     name += f" rows={args.train_rows} seed={args.seed} expandable={args.expandable_segments}"
     name += " vision=16bit" if args.quantize_vision == "off" else ""  # the earlier runs' names stay as they were
-    name += f" checkpointing={args.checkpointing}" if args.checkpointing != "default" else ""
+    name += f" checkpointing={args.checkpointing}"
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil

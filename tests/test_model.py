@@ -142,14 +142,17 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dirs, tmp_path, s
 
 
 CHECKPOINTING_WAYS = [
-    {},
-    {"reentrant_checkpointing": True},
-    {"offload_activations": True},
-    {"reentrant_checkpointing": True, "offload_activations": True},
+    {"reentrant_checkpointing": reentrant, "offload_activations": offload}
+    for reentrant in (True, False)  # the default first
+    for offload in (False, True)
 ]
 
 
-@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_5"])
+def test_reentrant_checkpointing_is_the_default():
+    assert helpers.Config().reentrant_checkpointing and not helpers.Config().offload_activations
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_checkpointing_way_gives_the_same_gradient(arch, tiny_model_dirs, tmp_path, sample_data, monkeypatch):
     """Reentrant checkpointing and activations offloaded to the CPU change where the saved layer inputs live and how
     the forward is replayed, not the gradient: the same LoRA weights and batch give the same gradient in every way,
@@ -174,18 +177,40 @@ def test_every_checkpointing_way_gives_the_same_gradient(arch, tiny_model_dirs, 
         layers = [m for m in peft_model.modules() if isinstance(m, GradientCheckpointingLayer)]
         assert layers and all(m.gradient_checkpointing for m in layers)
         reentrant = {m._gradient_checkpointing_func.keywords["use_reentrant"] for m in layers}
-        assert reentrant == {way.get("reentrant_checkpointing", False)}
+        assert reentrant == {way["reentrant_checkpointing"]}
         batch = one_batch(processor, sample_data[0].head(4))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
         torch.manual_seed(1)  # the dropout masks
         offloads.clear()
         helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
-        assert bool(offloads) == way.get("offload_activations", False)
+        assert bool(offloads) == way["offload_activations"]
         grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
     assert grads[0].abs().sum() > 0
     for grad in grads[1:]:
         torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_a_weight_without_a_gradient_stops_training(tiny_model_dirs, tmp_path, sample_data):
+    """Under reentrant checkpointing (the default) a trained weight in the vision encoder, whose blocks' inputs require
+    no gradient, gets none, with only a warning that helpers silences: train_step's check names it instead."""
+    cfg = cfg_for("qwen3_vl", tiny_model_dirs, tmp_path)
+    model, processor = helpers.load_model_and_processor(cfg)
+    peft_model = helpers.attach_lora(model, cfg)
+    peft_model.train()
+    batch = one_batch(processor, sample_data[0].head(2))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
+    params, _ = helpers.make_optimizer(peft_model, cfg)
+    helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
+    helpers.check_every_weight_has_a_gradient(peft_model, params)  # the notebook's adapters: every one has a gradient
+
+    peft_model.zero_grad(set_to_none=True)
+    model.model.visual.blocks[0].mlp.linear_fc1.weight.requires_grad_(True)  # as a LoRA on the vision encoder would
+    params, _ = helpers.make_optimizer(peft_model, cfg)
+    helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
+    with pytest.raises(RuntimeError, match=r"no gradient reached 1 of the \d+ trained weights \(the first: .*visual"):
+        helpers.check_every_weight_has_a_gradient(peft_model, params)
 
 
 def test_answer_loss_equals_full_logits_loss(tiny_model_dirs, tmp_path, sample_data):
