@@ -204,7 +204,7 @@ def main() -> None:
     parallel = {"auto": None, "on": True, "off": False}[args.parallel]
     name = f"{args.model} {args.level} {args.precision} parallel={args.parallel} gpus={torch.cuda.device_count()}"
     name += f" rows={args.train_rows} seed={args.seed} expandable={args.expandable_segments}"
-    name += " vision=16bit" if args.quantize_vision == "off" else ""  # the earlier runs' names stay as they were
+    name += " vision=16bit" if args.quantize_vision == "off" else ""  # named only when off, as before the switch
     name += f" checkpointing={args.checkpointing}"
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():

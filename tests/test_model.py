@@ -32,6 +32,13 @@ def one_batch(processor, rows, train=True):
     return helpers.VQACollator(processor, train=train)([dataset[i] for i in range(len(rows))])
 
 
+def backward_on_cpu(peft_model, batch, micro_batch: int) -> float:
+    """helpers.accumulate_gradients as helpers.fit runs it on a CPU: fp32, the GradScaler off."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
+    return helpers.accumulate_gradients(peft_model, batch, micro_batch, scaler, autocast)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_model_loads_back_through_the_user_path(arch, tiny_model_dirs, tmp_path, sample_data):
     model, processor = helpers.load_model_and_processor(cfg_for(arch, tiny_model_dirs, tmp_path))
@@ -87,10 +94,8 @@ def test_training_step_moves_lora_and_nothing_else(arch, tiny_model_dirs, tmp_pa
     peft_model.train()  # as helpers.fit trains: dropout and gradient checkpointing on
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     batch = one_batch(processor, sample_data[0].head(4))
-    autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
-    helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
+    backward_on_cpu(peft_model, batch, 2)
     optimizer.step()
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; the step moved it (through DeltaNet too)
@@ -130,12 +135,10 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dirs, tmp_path, s
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
     batch = one_batch(processor, sample_data[0].head(6))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
     grads = []
     for micro in (6, 1, 4):
         peft_model.zero_grad()
-        helpers.accumulate_gradients(peft_model, batch, micro, scaler, autocast)
+        backward_on_cpu(peft_model, batch, micro)
         grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-6)
@@ -179,11 +182,9 @@ def test_every_checkpointing_way_gives_the_same_gradient(arch, tiny_model_dirs, 
         reentrant = {m._gradient_checkpointing_func.keywords["use_reentrant"] for m in layers}
         assert reentrant == {way["reentrant_checkpointing"]}
         batch = one_batch(processor, sample_data[0].head(4))
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
         torch.manual_seed(1)  # the dropout masks
         offloads.clear()
-        helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
+        backward_on_cpu(peft_model, batch, 2)
         assert bool(offloads) == way["offload_activations"]
         grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
     assert grads[0].abs().sum() > 0
@@ -199,16 +200,14 @@ def test_a_weight_without_a_gradient_stops_training(tiny_model_dirs, tmp_path, s
     peft_model = helpers.attach_lora(model, cfg)
     peft_model.train()
     batch = one_batch(processor, sample_data[0].head(2))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    autocast = helpers.autocast_context(torch.device("cpu"), torch.float32)
     params, _ = helpers.make_optimizer(peft_model, cfg)
-    helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
+    backward_on_cpu(peft_model, batch, 2)
     helpers.check_every_weight_has_a_gradient(peft_model, params)  # the notebook's adapters: every one has a gradient
 
     peft_model.zero_grad(set_to_none=True)
     model.model.visual.blocks[0].mlp.linear_fc1.weight.requires_grad_(True)  # as a LoRA on the vision encoder would
     params, _ = helpers.make_optimizer(peft_model, cfg)
-    helpers.accumulate_gradients(peft_model, batch, 2, scaler, autocast)
+    backward_on_cpu(peft_model, batch, 2)
     with pytest.raises(RuntimeError, match=r"no gradient reached 1 of the \d+ trained weights \(the first: .*visual"):
         helpers.check_every_weight_has_a_gradient(peft_model, params)
 
