@@ -458,7 +458,7 @@ class Config:
     # (train_folds_on_gpus); None: when there are 2+ GPUs and the model fits one (every dense model up to 9B in 4 bits)
     gpu: int | None = None  # the one GPU to load the whole model on (set per process by train_folds_on_gpus);
     # None: device_map="auto" over every GPU
-    eval_batch_size: int | None = None  # inference batch; halves itself on out-of-memory
+    eval_batch_size: int | None = None  # inference batch; halves itself on out-of-memory, for the passes after too
     num_workers: int | None = None  # DataLoader workers running the processor in parallel with the GPU
     save_every_steps: int | None = None  # optimizer steps between resumable checkpoints
     max_bad_steps: int = 8  # consecutive non-finite losses before a fold is stopped
@@ -2691,7 +2691,10 @@ def use_parallel_folds(cfg: Config, model) -> bool:
     device plan put on one GPU (so every GPU can hold a copy)."""
     if cfg.parallel_folds is not None:
         return cfg.parallel_folds
-    on_one_gpu = len(set(getattr(model, "hf_device_map", {"": "cpu"}).values()) - {"cpu"}) == 1
+    # Where the weights are, not model.hf_device_map: transformers sets that only for a model spread over devices, so
+    # a model on one GPU, the case that matters here, has none (folds trained in turn, silently, until 2026-11-29).
+    devices = {p.device for p in model.parameters()}
+    on_one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
     return torch.cuda.device_count() >= 2 and len(cfg.folds_to_train) >= 2 and on_one_gpu
 
 
@@ -2772,6 +2775,9 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
     started = now()
     for batch in progress_bar(make_loader(dataset, collator, batches, cfg.num_workers), desc="predict", leave=False):
         _, micro = halve_on_out_of_memory(functools.partial(score, batch), micro, cfg, "in inference", "batch size")
+    # Later passes (each fold's validation, each rotation, each member) start at the batch that fitted: from
+    # eval_batch_size each ran out of memory again (Qwen3.5-27B on two T4-sized GPUs: 17 times in one run).
+    cfg.eval_batch_size = micro
     model.train(was_training)
     MEASURED["score_rows"] += len(df)
     MEASURED["score_seconds"] += now() - started

@@ -1,7 +1,9 @@
 """Where the 4-bit weights go, planned on an empty (meta-device) model at the real sizes: no GPU, no weights."""
 
+import dataclasses
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import make_tiny_model
 import pytest
@@ -114,3 +116,29 @@ def test_a_fold_trained_before_quantize_vision_existed_is_still_reused():
     assert helpers.fingerprint_changes({"model_id": "m"}, expected | {"quantize_vision": False}) == [
         "quantize_vision: True -> False"
     ]
+
+
+class WeightsOn(torch.nn.Module):
+    """A model whose weights are on these devices; only their device is read (a CPU cannot hold a CUDA tensor)."""
+
+    def __init__(self, *devices: str):
+        super().__init__()
+        self.devices = [torch.device(d) for d in devices]
+
+    def parameters(self, recurse: bool = True):
+        return iter(SimpleNamespace(device=d) for d in self.devices)
+
+
+def test_folds_go_side_by_side_by_default_when_the_model_is_on_one_gpu(monkeypatch):
+    """parallel_folds=None on two GPUs: one fold per GPU for a model the plan put on one GPU, in turn otherwise. The
+    decision reads where the weights are: transformers sets hf_device_map only for a model spread over several
+    devices, and reading it sent every default run on T4 x2 into folds in turn (found by the two-GPU rehearsal)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = helpers.Config(n_folds=2)
+    assert helpers.use_parallel_folds(cfg, WeightsOn("cuda:0", "cuda:0"))
+    assert not helpers.use_parallel_folds(cfg, WeightsOn("cuda:0", "cuda:1"))  # split: no GPU holds a copy
+    assert not helpers.use_parallel_folds(cfg, WeightsOn("cpu"))
+    assert not helpers.use_parallel_folds(dataclasses.replace(cfg, train_folds=[1]), WeightsOn("cuda:0"))
+    assert not helpers.use_parallel_folds(dataclasses.replace(cfg, parallel_folds=False), WeightsOn("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert not helpers.use_parallel_folds(cfg, WeightsOn("cuda:0"))

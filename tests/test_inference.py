@@ -105,6 +105,10 @@ def test_out_of_memory_halves_the_inference_batch_and_keeps_it(tiny, sample_data
     np.testing.assert_allclose(helpers.letter_log_probs(model, processor, rows, cfg), expected, atol=1e-5)
     assert sizes == [4, 2] + [1] * 12  # the smaller batch is kept: no out-of-memory again on later batches
     assert "batch size now 1" in capsys.readouterr().out
+    sizes.clear()
+    np.testing.assert_allclose(helpers.letter_log_probs(model, processor, rows, cfg), expected, atol=1e-5)
+    assert sizes == [1] * 12  # and on later passes: each validation, rotation and member starts where it fitted
+    assert "out of memory" not in capsys.readouterr().out
 
     monkeypatch.setattr(helpers, "model_inputs", lambda batch, device: inputs({"index": [0, 1]}, device))
     with pytest.raises(RuntimeError, match="inference at batch size 1.*profile to"):
