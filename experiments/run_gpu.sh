@@ -5,6 +5,7 @@
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
+#                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
 #                                               rehearse-checkpointing
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
 # files come back from the GPU machine) as they run, and the JSON copied to experiments/results/. The benchmarks
@@ -102,6 +103,17 @@ rehearse rehearse-qwen35-9b 330 --model qwen3.5-9b --level safe --precision fp16
 # it), the gate for making that the default; one GPU, then two (folds side by side) where nvidia-h200-x2 is lent
 rehearse rehearse-vision16 240 --model qwen3.5-4b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200 --quantize-vision off
 rehearse rehearse-vision16-x2 300 --model qwen3.5-4b --level safe --precision fp16 --parallel on --train-rows 1000 --test-rows 300 --quantize-vision off
+
+# nvidia-h200-x2: the default model as a T4 x2 user runs it (parallel_folds=None: side by side on 2 GPUs since the
+# fix of 2026-11-29), then in turn, for the ratio (about 4 minutes each)
+rehearse rehearse-x2-default 290 --model qwen3.5-4b --level safe --precision fp16 --parallel auto
+rehearse rehearse-x2-default 270 --model qwen3.5-4b --level safe --precision fp16 --parallel off
+# nvidia-h200-x2: the two models that need both GPUs, one call each (a random checkpoint builds in about 60 s before
+# the timeout starts); the 16-bit checkpoint (54 and 70 GB) is removed after, for the RAM disk's sake
+for model in qwen3.5-27b qwen3.6-35b-a3b; do
+    rehearse "rehearse-x2-$model" 420 --model "$model" --level safe --precision fp16 --train-rows 320 --test-rows 96
+    [[ " $selected " == *" rehearse-x2-$model "* ]] && rm -rf /dev/shm/rehearse/qwen3.5-{27b,35b-a3b}-random
+done
 
 # The default model through the whole notebook with each checkpointing way (Config.reentrant_checkpointing,
 # offload_activations), one after the other on the one GPU and 4 cores, into results/rehearsal_checkpointing.json:
