@@ -36,7 +36,8 @@ Unsloth keeps it; `reentrant` with torch's reentrant gradient checkpointing, as 
 without its offloading); `offload` with the layer inputs that checkpointing saves kept in CPU memory until the
 backward, as Unsloth does (Config.offload_activations); `unsloth-like` with all of Unsloth's step: dropout 0,
 reentrant checkpointing offloaded to the CPU, compiled layers; `reentrant-offload` with both checkpointing switches
-and nothing compiled (Unsloth's memory with the project's kernels). `--loader` feeds every way as `loader` does.
+and nothing compiled (Unsloth's memory with the project's kernels), and `offload-no-dropout` with LoRA dropout 0 as
+well (Unsloth's memory and settings). `--loader` feeds every way as `loader` does.
 
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
 synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
@@ -135,6 +136,11 @@ PROJECT_WAYS = {
         "project, LoRA dropout 0, reentrant checkpointing offloaded, compiled layers",
         {"lora_dropout": 0.0, "reentrant_checkpointing": True, "offload_activations": True},
         ("compile",),
+    ),
+    "offload-no-dropout": (  # Unsloth's memory and its settings (LoRA dropout 0), the project's kernels
+        "project, reentrant checkpointing offloaded, LoRA dropout 0",
+        {"reentrant_checkpointing": True, "offload_activations": True, "lora_dropout": 0.0},
+        (),
     ),
 }
 
