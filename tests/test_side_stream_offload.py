@@ -90,3 +90,27 @@ def test_side_stream_offload_keeps_the_gradient_and_fetches_ahead(
             expected += [("fetch", i), ("unpack", i)]
         start = offload.log.index(("unpack", last))
         assert offload.log[start : start + 2 * layers] == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: its streams and pinned memory")
+def test_side_stream_offload_on_a_gpu(tiny_model_dirs, tmp_path, sample_data):
+    """The same with real streams, 4-bit weights and the GPU's precision: the copies must not race the computing."""
+    grads = []
+    for side_stream in (False, True):
+        cfg = cfg_for("qwen3_vl", tiny_model_dirs, tmp_path)
+        model, processor = helpers.load_model_and_processor(cfg)
+        torch.manual_seed(0)
+        peft_model = helpers.attach_lora(model, cfg)
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+        peft_model.train()
+        if side_stream:
+            bench_peers.SideStreamOffload().install(peft_model)
+        batch = one_batch(processor, sample_data[0].head(4))
+        autocast = helpers.autocast_context(torch.device("cuda"), helpers.compute_dtype(cfg.precision))
+        torch.manual_seed(1)
+        helpers.accumulate_gradients(peft_model, batch, 2, torch.amp.GradScaler("cuda", enabled=False), autocast)
+        grads.append(torch.cat([p.grad.float().flatten() for p in peft_model.parameters() if p.requires_grad]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-2, atol=1e-4)
