@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
@@ -212,6 +212,9 @@ run peers_qwen35_score 300 experiments/bench_peers.py --model qwen3.5-4b --preci
 # The same in bf16 at equal memory (micro-batch 16; at 2 fp16 showed parity and took most of that call)
 run peers_qwen35_bf16 400 experiments/bench_peers.py --model qwen3.5-4b --precisions bf16 --tools project,trl --steps 10 \
     --micro-batches 16 --worker-timeout 180
+# Not run yet: Qwen3.5-9B (the issue names it) against TRL in fp16 at micro-batch 16, 10 steps.
+run peers_qwen35_9b 560 experiments/bench_peers.py --model qwen3.5-9b --precisions fp16 --tools project,trl \
+    --steps 10 --rows 256 --micro-batches 16 --score-rows 64 --generate-rows 8 --worker-timeout 240
 # Unsloth: with .whl-unsloth/ carried too (beside .whl/ and .whl-peers/: about 37 MiB in all, bench_peers.py, top),
 # its packages go into /tmp/site-unsloth with bitsandbytes, peft and qwen-vl-utils from .whl/, apart from /tmp/site:
 # Unsloth needs the machine's transformers 5.17 and trl 1.15. The Unsloth worker runs on that folder alone
