@@ -2345,7 +2345,16 @@ def resume_or_start(run: FoldRun) -> TrainState:
         return TrainState(micro_batch=cfg.effective_batch if cfg.auto_micro_batch else cfg.batch_size)
     run.optimizer.load_state_dict(resumed.pop("optimizer"))
     run.scheduler.load_state_dict(resumed.pop("scheduler"))
-    run.scaler.load_state_dict(resumed.pop("scaler"))
+    scaler = resumed.pop("scaler")
+    # precision="auto" resolves per GPU: a fold begun in bf16 (an A100) may go on on a T4 (fp16), or the other way.
+    trained_in, trains_in = resumed.pop("compute_dtype", None), str(compute_dtype(cfg.precision))
+    if trained_in in (None, trains_in):  # None: a checkpoint written before the dtype was recorded
+        run.scaler.load_state_dict(scaler)
+    else:  # fp16's GradScaler state means nothing in bf16, and bf16 has none to give fp16
+        print(
+            f"fold {run.fold}: its checkpoint was trained in {trained_in} and this GPU trains in {trains_in}: it goes "
+            f"on in {trains_in} with a fresh GradScaler, close to but not exactly as one uninterrupted run would"
+        )
     state = TrainState(**resumed)
     print(f"fold {run.fold}: resuming at epoch {state.epoch} step {state.step_in_epoch}")
     return state
@@ -2357,6 +2366,7 @@ def save_fold_checkpoint(run: FoldRun, state: TrainState) -> None:
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),
+        "compute_dtype": str(compute_dtype(run.cfg.precision)),
     }
     save_checkpoint(run.fold_dir, {**dataclasses.asdict(state), **optimizers}, run.model)
 
@@ -2683,7 +2693,8 @@ def _train_share(rank: int, processes: int, folds: pd.DataFrame, test: pd.DataFr
         model, processor = load_model_and_processor(share)
         train_folds(model, processor, folds, test, share)
         for fold in share.train_folds:
-            score_member(model, processor, f"fold{fold}", folds, test, share)
+            if fold_is_trained(share, fold):  # not a fold the time budget left unstarted: it has no adapter
+                score_member(model, processor, f"fold{fold}", folds, test, share)
 
 
 def use_parallel_folds(cfg: Config, model) -> bool:

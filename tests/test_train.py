@@ -1,5 +1,6 @@
 """The training loop: a fold end to end, out-of-memory back-off, non-finite losses, and exact resume."""
 
+import contextlib
 import json
 import math
 import os
@@ -218,6 +219,38 @@ def test_early_stopping_keeps_the_best_adapter_and_resumes_stopped(small, monkey
     assert again["epochs_trained"] == 2 and again["optimizer_steps"] == 4  # stopped stays stopped
 
 
+def test_a_fold_begun_in_one_precision_goes_on_in_another(small, monkeypatch, capsys):
+    """precision="auto" resolves per GPU: a fold checkpointed on a GPU with bf16 and resumed on a T4 (fp16), or the
+    other way, goes on with a fresh GradScaler and says so (the bf16 checkpoint's empty scaler state stopped fp16's
+    GradScaler with a cryptic error; fp16's state went silently into bf16)."""
+    cfg, folds, model, processor = small
+    real_step, steps = helpers.accumulate_gradients, []
+
+    def dies_at_step_3(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt  # the session ends after the checkpoint of step 2
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(helpers, "accumulate_gradients", dies_at_step_3)
+    monkeypatch.setattr(helpers, "autocast_context", lambda device, dtype: contextlib.nullcontext)  # fp32 compute
+    monkeypatch.setattr(helpers, "compute_dtype", lambda precision="auto": torch.bfloat16)  # "auto" on an A100
+    peft_model = helpers.attach_lora(model, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        helpers.fit(peft_model, processor, folds, 0, cfg)
+    state = helpers.newest_readable_checkpoint(cfg.fold_dir(0))
+    assert state["compute_dtype"] == "torch.bfloat16" and state["scaler"] == {}  # bf16 needs no GradScaler
+
+    monkeypatch.setattr(helpers, "accumulate_gradients", real_step)
+    monkeypatch.setattr(helpers, "compute_dtype", lambda precision="auto": torch.float16)  # "auto" on a T4
+    base = helpers.detach_lora(peft_model)
+    result = helpers.fit(helpers.attach_lora(base, cfg), processor, folds, 0, cfg)
+    out = capsys.readouterr().out
+    assert "fold 0: resuming at epoch 1 step 0" in out
+    assert "trained in torch.bfloat16 and this GPU trains in torch.float16: it goes on in torch.float16" in out
+    assert result["optimizer_steps"] == 4
+
+
 def test_epochs_without_improvement():
     assert helpers.epochs_without_improvement([]) == 0
     history = [{"val_acc": a} for a in (0.5, 0.7, 0.6, 0.7)]
@@ -312,6 +345,19 @@ def test_folds_trained_side_by_side_equal_folds_trained_in_turn(small, sample_da
             np.testing.assert_allclose(
                 side_predictions[f"fold{fold}"][key], in_turn_predictions[f"fold{fold}"][key], atol=1e-5
             )
+
+
+def test_a_side_by_side_process_scores_only_the_folds_it_trained(small, sample_data, capsys):
+    """A train_folds_on_gpus process whose folds the time budget leaves unstarted has no adapter to score: it ends
+    without an error (it crashed the training cell before), and the notebook's submission uses the folds trained."""
+    cfg, folds, _, _ = small
+    cfg.time_budget_hours = 1e-6
+    threads = torch.get_num_threads()
+    helpers._train_share(0, 1, folds, sample_data[1].head(6), cfg)  # what each process of train_folds_on_gpus runs
+    torch.set_num_threads(threads)
+    assert "not started: one epoch would not leave time to score" in capsys.readouterr().out
+    assert not any(helpers.fold_is_trained(cfg, fold) for fold in cfg.folds_to_train)
+    assert not list(cfg.out.glob("fold*/scores.npz"))
 
 
 def test_fold_shares_deal_out_the_folds_still_to_train_first(tmp_path):
