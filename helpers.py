@@ -599,7 +599,9 @@ def read_table(
         return None, [f"{path}: empty file"]
     except pd.errors.ParserError as err:
         return None, [f"{path}: not a readable CSV: {err}"]
-    df.columns = [c.strip().lower() for c in df.columns]
+    header = {c.strip().lower(): c.strip() for c in df.columns}  # as the file spells it (write_submission's header)
+    df.columns = list(header)
+    df.attrs["header"] = header
     missing = [c for c in required if c not in df.columns]
     if missing:
         return None, [f"{path}: missing columns {missing} (found {list(df.columns)})"]
@@ -610,7 +612,12 @@ def read_table(
         df[column] = df[column].str.strip()
         if column in may_be_blank:
             continue
-        empty = df.loc[df[column] == "", "id"].tolist() if column != "id" else df.index[df["id"] == ""].tolist()
+        if column == "id":  # no id to name the row by: its line in the file (the header is line 1)
+            lines = (df.index[df["id"] == ""] + 2).tolist()
+            if lines:
+                problems.append(f"{path}: empty 'id' on lines {_preview(lines)}")
+            continue
+        empty = df.loc[df[column] == "", "id"].tolist()
         if empty:
             problems.append(f"{path}: empty {column!r} in rows with id {_preview(empty)}")
     duplicated = df.loc[df["id"].duplicated(keep=False), "id"].unique().tolist()
@@ -697,7 +704,10 @@ def load_competition_data(
     problems += test_problems + sample_problems
 
     if train is not None:
-        train["answer"] = train["answer"].str.lower().str.replace(r"\s+", "", regex=True)
+        train["answer"] = train["answer"].str.replace(r"\s+", "", regex=True)
+        if sample is not None:  # the submission answers in the case of the labels it is graded against
+            sample.attrs["uppercase_answers"] = bool(train["answer"].isin(["A", "B", "C", "D"]).all())
+        train["answer"] = train["answer"].str.lower()
         bad = train.loc[~train["answer"].isin(LETTERS)]
         if len(bad):
             culprits = [f"{i}: {a!r}" for i, a in zip(bad["id"], bad["answer"], strict=True)]
@@ -3167,12 +3177,21 @@ def validate_submission(submission: pd.DataFrame, sample: pd.DataFrame) -> None:
 
 
 def write_submission(choices: np.ndarray, test: pd.DataFrame, sample: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Submission in sample_submission's id order, validated, written atomically."""
+    """Submission in sample_submission's id order, validated, written atomically as the competition spells it:
+    sample_submission.csv's header (`ID,Answer` stays so) and train.csv's letter case (A-D where its answers are)."""
     answers = pd.Series([LETTERS[int(c)] for c in choices], index=test["id"])
     submission = pd.DataFrame({"id": sample["id"], "answer": sample["id"].map(answers)})
     validate_submission(submission, sample)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, submission.to_csv(index=False))
+    header = sample.attrs.get("header", {})
+    written = pd.DataFrame(
+        {
+            header.get("id", "id"): submission["id"],
+            header.get("answer", "answer"): submission["answer"].str.upper()
+            if sample.attrs.get("uppercase_answers")
+            else submission["answer"],
+        }
+    )
+    atomic_write_text(path, written.to_csv(index=False))
     return submission
 
 

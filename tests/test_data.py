@@ -56,11 +56,33 @@ def test_benign_variations_are_accepted_and_normalized(data_copy):
     assert train["question"].str.contains("한국어").all()
 
 
+def test_the_submission_is_spelt_as_the_competition_spells_it(data_copy):
+    """Answers A-D in train.csv and a header `ID,Answer` in sample_submission.csv are read as a-d and id/answer, and
+    the submission is written back as the competition spells them (it was `id,answer` and a-d, which a case-sensitive
+    grader would score as all wrong)."""
+    edit_csv(data_copy / "train.csv", lambda df: df.assign(answer=df["answer"].str.upper()))
+    edit_csv(data_copy / "sample_submission.csv", lambda df: df.rename(columns={"id": "ID", "answer": "Answer"}))
+    train, test, sample = helpers.load_competition_data(data_copy)
+    assert set(train["answer"]) <= set(helpers.LETTERS) and list(sample.columns) == ["id", "answer"]
+    submission = helpers.write_submission(np.arange(len(test)) % 4, test, sample, data_copy / "submission.csv")
+    written = pd.read_csv(data_copy / "submission.csv", dtype=str)
+    assert list(written.columns) == ["ID", "Answer"]
+    assert written["ID"].tolist() == sample["id"].tolist()
+    assert written["Answer"].tolist() == submission["answer"].str.upper().tolist()
+    assert set(written["Answer"]) <= set("ABCD")
+
+    edit_csv(data_copy / "train.csv", lambda df: df.assign(answer=df["answer"].str.lower()))  # the format's a-d
+    train, test, sample = helpers.load_competition_data(data_copy)
+    helpers.write_submission(np.arange(len(test)) % 4, test, sample, data_copy / "submission.csv")
+    assert set(pd.read_csv(data_copy / "submission.csv", dtype=str)["Answer"]) <= set(helpers.LETTERS)
+
+
 BAD_CASES = {
     "missing column": ("train.csv", lambda df: df.drop(columns="c"), ["train.csv", "missing columns ['c']"]),
     "answer outside a-d": ("train.csv", lambda df: df.assign(answer=["e"] + list(df["answer"][1:])), ["'e'"]),
     "duplicate id": ("train.csv", lambda df: df.assign(id=[df["id"][1]] + list(df["id"][1:])), ["duplicate ids"]),
     "empty question": ("train.csv", lambda df: df.assign(question=[""] + list(df["question"][1:])), ["empty"]),
+    "empty id": ("train.csv", lambda df: df.assign(id=[*df["id"][:10], "", *df["id"][11:]]), ["lines [12]"]),
     "missing image": ("test.csv", lambda df: df.assign(path=["test/nope.jpg"] + list(df["path"][1:])), ["nope.jpg"]),
     "sample ids differ": ("sample_submission.csv", lambda df: df.assign(id=["X"] + list(df["id"][1:])), ["'X'"]),
     "id in train and test": ("test.csv", lambda df: df.assign(id=["TRAIN_0001"] + list(df["id"][1:])), ["both"]),
