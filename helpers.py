@@ -1019,10 +1019,21 @@ def check_earlier_run(cfg: Config, train: pd.DataFrame) -> None:
     print(f"folds {trained}: adapters from {root}" + (f"; folds {left_out} not trained there" if left_out else ""))
 
 
-def earlier_folds(cfg: Config, train: pd.DataFrame) -> pd.DataFrame:
-    """`train` with the earlier run's fold column (its folds.csv): each adapter is judged on the rows it never trained
-    on, whatever this machine's make_folds would split. check_earlier_run has matched the data already."""
-    path = earlier_run_dir(cfg.adapters_from) / "folds.csv"
+def run_folds(train: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """`train` with the fold column this run trains and judges on: a new split (make_folds) in a new output_dir; the
+    one its folds.csv holds in a re-run (prepare_run_folder has matched it with the data, n_folds and seed); with
+    adapters_from, the earlier run's. A stored split is read, not made again: its folds may be trained already, and
+    make_folds could split otherwise after an update of scikit-learn or of this file, judging folds on rows they
+    trained on."""
+    if cfg.adapters_from:
+        return stored_folds(earlier_run_dir(cfg.adapters_from) / "folds.csv", train)
+    if (cfg.out / "folds.csv").exists():
+        return stored_folds(cfg.out / "folds.csv", train)
+    return make_folds(train, cfg.n_folds, cfg.seed)
+
+
+def stored_folds(path: Path, train: pd.DataFrame) -> pd.DataFrame:
+    """`train` with the fold column of the folds.csv at `path`, which must cover its ids exactly."""
     saved = pd.read_csv(path, dtype={"id": str})
     fold = train["id"].map(saved.set_index("id")["fold"])
     unknown = sorted(set(saved["id"]) - set(train["id"]))

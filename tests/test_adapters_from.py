@@ -49,7 +49,7 @@ def predict_with_earlier_adapters(earlier, cfg):
     """The notebook's path with adapters_from set: data cell, folds, training cell (trains nothing), inference,
     submissions."""
     helpers.prepare_run_folder(cfg, earlier["train"])
-    folds = helpers.earlier_folds(cfg, earlier["train"])
+    folds = helpers.run_folds(earlier["train"], cfg)
     helpers.save_folds(folds, cfg)
     fold_results = helpers.earlier_fold_results(cfg, folds)
     helpers.plot_training_curves(cfg)
@@ -200,7 +200,7 @@ def test_a_folds_csv_of_other_rows_is_named(earlier, copied, tmp_path):
     helpers.prepare_run_folder(cfg, earlier["train"])
     missing = folds["id"].iloc[0]
     with pytest.raises(ValueError, match=f"folds.csv does not match train.csv: ids without a fold \\['{missing}'\\]"):
-        helpers.earlier_folds(cfg, earlier["train"])
+        helpers.run_folds(earlier["train"], cfg)
 
 
 def test_the_earlier_run_cannot_be_the_output_folder(earlier):

@@ -71,3 +71,16 @@ def test_works_without_task_type(sample_data):
 def test_fewer_rows_than_folds_is_a_clear_error(sample_data):
     with pytest.raises(ValueError, match="3 training rows cannot make 5 folds"):
         helpers.make_folds(sample_data[0].head(3), 5, seed=0)
+
+
+def test_a_rerun_keeps_the_split_its_folds_were_trained_on(sample_data, tmp_path):
+    """A re-run reads the split from folds.csv instead of making it again: an update of scikit-learn or helpers.py
+    between two sessions could split otherwise, and the folds trained on the old split would be judged on rows they
+    trained on."""
+    cfg = helpers.Config(profile="smoke", output_dir=str(tmp_path))
+    train = sample_data[0]
+    first = helpers.run_folds(train, cfg)
+    assert first["fold"].equals(helpers.make_folds(train, cfg.n_folds, cfg.seed)["fold"])
+    older = first.assign(fold=(first["fold"] + 1) % cfg.n_folds)  # as another version of make_folds split it
+    helpers.save_folds(older, cfg)
+    assert helpers.run_folds(train, cfg)["fold"].tolist() == older["fold"].tolist()
