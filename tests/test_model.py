@@ -32,6 +32,18 @@ def one_batch(processor, rows, train=True):
     return helpers.VQACollator(processor, train=train)([dataset[i] for i in range(len(rows))])
 
 
+def trainable_lora_model(cfg):
+    """The model with LoRA adapters in training mode (checkpointing runs in training mode only, as helpers.fit
+    trains), their B weights non-zero so that every LoRA weight gets a gradient; the same weights for the same cfg."""
+    model, processor = helpers.load_model_and_processor(cfg)
+    torch.manual_seed(0)
+    peft_model = helpers.attach_lora(model, cfg)
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    return peft_model.train(), processor
+
+
 def backward_on_cpu(peft_model, batch, micro_batch: int) -> float:
     """helpers.accumulate_gradients as helpers.fit runs it on a CPU: fp32, the GradScaler off."""
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -170,13 +182,7 @@ def test_every_checkpointing_way_gives_the_same_gradient(arch, tiny_model_dirs, 
     grads = []
     for way in CHECKPOINTING_WAYS:
         cfg = cfg_for(arch, tiny_model_dirs, tmp_path, **way)
-        model, processor = helpers.load_model_and_processor(cfg)
-        torch.manual_seed(0)
-        peft_model = helpers.attach_lora(model, cfg)
-        for p in peft_model.parameters():  # non-zero B so every LoRA weight gets a gradient
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.02)
-        peft_model.train()  # checkpointing runs in training mode only (as helpers.fit trains)
+        peft_model, processor = trainable_lora_model(cfg)
         layers = [m for m in peft_model.modules() if isinstance(m, GradientCheckpointingLayer)]
         assert layers and all(m.gradient_checkpointing for m in layers)
         reentrant = {m._gradient_checkpointing_func.keywords["use_reentrant"] for m in layers}

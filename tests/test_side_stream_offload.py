@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from test_model import backward_on_cpu, cfg_for, one_batch
+from test_model import backward_on_cpu, cfg_for, one_batch, trainable_lora_model
 
 import helpers
 
@@ -61,13 +61,7 @@ def test_side_stream_offload_keeps_the_gradient_and_fetches_ahead(
     grads, offload = [], None
     for side_stream in (False, True):
         cfg = cfg_for(arch, tiny_model_dirs, tmp_path)  # reentrant checkpointing, as the prototype runs
-        model, processor = helpers.load_model_and_processor(cfg)
-        torch.manual_seed(0)
-        peft_model = helpers.attach_lora(model, cfg)
-        for p in peft_model.parameters():  # non-zero B so every LoRA weight gets a gradient
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.02)
-        peft_model.train()
+        peft_model, processor = trainable_lora_model(cfg)
         if side_stream:
             offload = RecordedOffload()
             assert offload.install(peft_model) > 0
@@ -98,13 +92,7 @@ def test_side_stream_offload_on_a_gpu(tiny_model_dirs, tmp_path, sample_data):
     grads = []
     for side_stream in (False, True):
         cfg = cfg_for("qwen3_vl", tiny_model_dirs, tmp_path)
-        model, processor = helpers.load_model_and_processor(cfg)
-        torch.manual_seed(0)
-        peft_model = helpers.attach_lora(model, cfg)
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.02)
-        peft_model.train()
+        peft_model, processor = trainable_lora_model(cfg)
         if side_stream:
             bench_peers.SideStreamOffload().install(peft_model)
         batch = one_batch(processor, sample_data[0].head(4))
