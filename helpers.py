@@ -346,7 +346,7 @@ MEMORY_LEVELS = {
     "balanced": dict(image_size=448, lora_r=12, batch_size=1, grad_accum=12, tta_rotations=2),
     "high": dict(image_size=512, lora_r=16, batch_size=2, grad_accum=8, tta_rotations=4),
 }
-NEXT_LOWER_LEVEL = {"high": "balanced", "balanced": "safe", "safe": "a smaller model"}
+NEXT_LOWER_LEVEL = {"high": "balanced", "balanced": "safe"}
 
 # A Kaggle GPU session ends after 12 hours, 9 on some accounts; the setup cell's installs and a margin come off that.
 KAGGLE_BUDGET_HOURS = 8.5
@@ -506,6 +506,10 @@ class Config:
             problems.append(f"tta_rotations must be 1, 2 or 4, got {self.tta_rotations}")
         if self.report_to not in (None, "tensorboard", "wandb"):
             problems.append(f"report_to must be None, 'tensorboard' or 'wandb', got {self.report_to!r}")
+        if self.gpu_memory_cap_gib is not None and not self.gpu_memory_cap_gib > 0:
+            problems.append(
+                f"gpu_memory_cap_gib must be positive (or None: the whole GPU), got {self.gpu_memory_cap_gib}"
+            )
         if not self.time_budget_hours > 0:
             problems.append(f"time_budget_hours must be positive, got {self.time_budget_hours}")
         if self.early_stopping_patience < 0:
@@ -1993,11 +1997,13 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def out_of_memory_at_one(cfg: Config, where: str) -> RuntimeError:
-    """The error for an out-of-memory that halving cannot fix any more: it names the level to step down to."""
-    return RuntimeError(
-        f"out of memory {where} (image_size {cfg.image_size}): set the Config cell's profile to "
-        f"{NEXT_LOWER_LEVEL.get(cfg.profile, 'safe')!r}"
-    )
+    """The error for an out-of-memory that halving cannot fix any more: it names the level to step down to, or at
+    `safe` what is left to lower."""
+    if cfg.profile == "safe":
+        step_down = "lower image_size (320, 256) or take a smaller model_id in the Config cell"
+    else:
+        step_down = f"set the Config cell's profile to {NEXT_LOWER_LEVEL.get(cfg.profile, 'safe')!r}"
+    return RuntimeError(f"out of memory {where} (image_size {cfg.image_size}): {step_down}")
 
 
 def halve_on_out_of_memory(attempt, size: int, cfg: Config, where: str, what: str, clean_up=None) -> tuple:
@@ -2458,7 +2464,10 @@ def train_step(run: FoldRun, state: TrainState, batch: dict) -> float:
     if math.isfinite(loss):
         grad_norm = optimizer_step(run.optimizer, run.scaler, run.params, cfg.max_grad_norm)
     stepped = math.isfinite(grad_norm)
-    unexplained = not math.isfinite(loss) or (not stepped and not run.scaler.is_enabled())  # not an fp16 overflow
+    # A skip in fp16 is the GradScaler's overflow, which halving the scale fixes within a few steps; once the scale is
+    # below 1 (16 halvings from its start) the gradient is non-finite unscaled too: a NaN, as in bf16 or fp32.
+    overflow = run.scaler.is_enabled() and run.scaler.get_scale() >= 1
+    unexplained = not math.isfinite(loss) or (not stepped and not overflow)
     if unexplained:
         record_nonfinite(state, run.model, batch, run.train_df["id"], loss, grad_norm)
     run.optimizer.zero_grad(set_to_none=True)
@@ -2647,14 +2656,18 @@ def train_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame, 
     if results:
         print(f"folds {[r['fold'] for r in results]}: already trained, skipped")
     for i, fold in enumerate(to_train):
-        if not budget.can_train(int((folds["fold"] != fold).sum())):
+        # A fold starts if one epoch of it, and scoring it with the folds before it, fit. A fold resumed with an epoch
+        # done (its best adapter saved) goes on as far as time allows: it is scored whatever it trains now.
+        budget.members += 1
+        resumed = (cfg.fold_dir(fold) / "best_adapter").is_dir()
+        if not budget.can_train(0 if resumed else int((folds["fold"] != fold).sum())):
+            budget.members -= 1
             print(
-                f"folds {to_train[i:]}: not started: one epoch would not leave time to score "
+                f"folds {to_train[i:]}: not trained: one epoch would not leave time to score "
                 f"({budget.seconds_left() / 3600:.1f} h left of time_budget_hours={cfg.time_budget_hours}); "
                 f"the submission uses the {len(results)} fold(s) trained"
             )
             break
-        budget.members += 1
         budget.folds_left = len(to_train) - i
         model = attach_lora(base_model, cfg)
         results.append(fit(model, processor, folds, fold, cfg, budget))

@@ -31,9 +31,10 @@ def test_gpu_levels_default_to_qwen3_5_4b_in_four_folds():
 
 def test_validation_lists_every_problem_at_once():
     with pytest.raises(ValueError) as err:
-        helpers.Config(profile="safe", n_folds=1, lr=3.0, train_folds=(7,), image_size=16)
+        helpers.Config(profile="safe", n_folds=1, lr=3.0, train_folds=(7,), image_size=16, gpu_memory_cap_gib=0)
     message = str(err.value)
-    for culprit in ("n_folds must be at least 2", "lr must be in", "train_folds (7,)", "image_size must be at least"):
+    culprits = ("n_folds must be at least 2", "lr must be in", "train_folds (7,)", "image_size must be at least")
+    for culprit in (*culprits, "gpu_memory_cap_gib must be positive (or None: the whole GPU), got 0"):
         assert culprit in message
     with pytest.raises(ValueError, match="profile 'huge' is not one of"):
         helpers.Config(profile="huge")

@@ -126,6 +126,8 @@ def test_one_out_of_memory_policy_halves_down_to_one_then_names_the_level():
 
     with pytest.raises(RuntimeError, match=r"in inference at batch size 1 \(image_size 512\).*profile to 'balanced'"):
         helpers.halve_on_out_of_memory(always, 4, cfg, "in inference", "batch size", clean_up=clean_up)
+    with pytest.raises(RuntimeError, match=r"\(image_size 384\): lower image_size \(320, 256\) or take a smaller"):
+        helpers.halve_on_out_of_memory(always, 4, helpers.Config(profile="safe"), "in training", "micro-batch")
     tried.clear()
 
     def broken(size):
@@ -188,6 +190,23 @@ def test_a_non_finite_gradient_never_reaches_the_weights_without_a_scaler(small,
     assert set(record["ids"]) <= set(folds.loc[folds["fold"] != 0, "id"])  # the rows of that batch, by id
     assert all(torch.isfinite(p).all() for p in peft_model.parameters())
     assert result["optimizer_steps"] == math.ceil((folds["fold"] != 0).sum() / cfg.effective_batch)
+
+
+def test_in_fp16_a_nan_gradient_that_no_scale_fixes_stops_the_fold(small, monkeypatch):
+    """In fp16 a skipped step is the GradScaler's overflow until its scale has halved below 1; after that the
+    gradient is non-finite unscaled too, and a run of such steps stops the fold (it skipped every step silently,
+    finishing untrained, the scale halving towards 0)."""
+    cfg, folds, model, processor = small
+    cfg.max_bad_steps, cfg.epochs = 3, 3  # 6 steps: overflows at scales 2 and 1, then 3 non-finite ones in a row
+    real = helpers.mixed_precision
+    monkeypatch.setattr(  # a T4's enabled GradScaler (its CPU twin), starting at 4 instead of 65536
+        helpers, "mixed_precision", lambda m, c: (torch.amp.GradScaler("cpu", init_scale=4.0), real(m, c)[1])
+    )
+    peft_model = helpers.attach_lora(model, cfg)
+    poisoned = next(p for p in peft_model.parameters() if p.requires_grad)
+    poisoned.register_hook(lambda grad: grad * float("nan"))  # as 0 * inf in a backward: NaN at any scale
+    with pytest.raises(helpers.NonFiniteLossError, match="fold 0: 3 non-finite steps in a row at step 4"):
+        helpers.fit(peft_model, processor, folds, 0, cfg)
 
 
 def test_non_finite_weights_are_never_written(small, tmp_path):
@@ -355,7 +374,7 @@ def test_a_side_by_side_process_scores_only_the_folds_it_trained(small, sample_d
     threads = torch.get_num_threads()
     helpers._train_share(0, 1, folds, sample_data[1].head(6), cfg)  # what each process of train_folds_on_gpus runs
     torch.set_num_threads(threads)
-    assert "not started: one epoch would not leave time to score" in capsys.readouterr().out
+    assert "not trained: one epoch would not leave time to score" in capsys.readouterr().out
     assert not any(helpers.fold_is_trained(cfg, fold) for fold in cfg.folds_to_train)
     assert not list(cfg.out.glob("fold*/scores.npz"))
 
@@ -400,6 +419,8 @@ class FakeClock:
     [
         (1000, 3),  # fold 1 starts, and stops after 3 of its 4 steps: one more would eat into the scoring time
         (700, None),  # fold 1 is not started: one epoch of it would not leave the time to score both folds
+        (730, None),  # the same: one epoch of fold 1 fits only without its own scoring (it started, and stopped at
+        # step 0: an untrained member of the ensemble, counted as trained)
     ],
 )
 def test_the_time_budget_always_leaves_a_submission(
@@ -425,6 +446,34 @@ def test_the_time_budget_always_leaves_a_submission(
     helpers.write_submissions(predictions, results, test, sample, cfg)
     assert (tmp_path / "submission_ensemble.csv").exists()
     assert clock.t <= helpers.SESSION_START + budget_s  # scoring done inside the budget
+
+
+def test_a_fold_resumed_in_the_same_session_goes_on_as_time_allows(small, sample_data, monkeypatch, capsys):
+    """The notebook re-run after an interrupt, in the same session (its clock goes on): a fold with an epoch done
+    resumes if scoring it fits, where it was refused for want of a whole epoch's time and left out of the
+    submission. 2 folds x 2 epochs x 2 steps of 100 s, scoring 88 rows a fold at 1 s a row; 250 s left."""
+    cfg, folds, model, processor = small
+    cfg.debias_samples, cfg.time_budget_hours = 4, 10_000 / 3600
+    test = sample_data[1].head(6)
+    clock = FakeClock(monkeypatch)
+    timed_step, steps = helpers.accumulate_gradients, []
+
+    def interrupted_in_fold_1_epoch_2(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 4 + 3:  # fold 0's 4 steps, then fold 1's third: its first epoch is done and validated
+            raise KeyboardInterrupt
+        return timed_step(*args, **kwargs)
+
+    monkeypatch.setattr(helpers, "accumulate_gradients", interrupted_in_fold_1_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        helpers.train_folds(model, processor, folds, test, cfg)
+    assert (cfg.fold_dir(1) / "best_adapter").is_dir() and not helpers.fold_is_trained(cfg, 1)
+
+    monkeypatch.setattr(helpers, "accumulate_gradients", timed_step)
+    clock.t = helpers.SESSION_START + 10_000 - 250  # enough to score both folds (176 s), not for an epoch more
+    results = helpers.train_folds(model, processor, folds, test, cfg)
+    assert "resuming at epoch 1" in capsys.readouterr().out
+    assert list(results["fold"]) == [0, 1] and results.set_index("fold").loc[1, "stopped_for_time"]
 
 
 def test_curves_go_to_the_tracker_asked_for(small, monkeypatch):
