@@ -2466,7 +2466,7 @@ def train_step(run: FoldRun, state: TrainState, batch: dict) -> float:
     stepped = math.isfinite(grad_norm)
     # A skip in fp16 is the GradScaler's overflow, which halving the scale fixes within a few steps; once the scale is
     # below 1 (16 halvings from its start) the gradient is non-finite unscaled too: a NaN, as in bf16 or fp32.
-    overflow = run.scaler.is_enabled() and run.scaler.get_scale() >= 1
+    overflow = not stepped and run.scaler.is_enabled() and run.scaler.get_scale() >= 1  # read on a skip only
     unexplained = not math.isfinite(loss) or (not stepped and not overflow)
     if unexplained:
         record_nonfinite(state, run.model, batch, run.train_df["id"], loss, grad_norm)
