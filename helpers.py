@@ -710,7 +710,7 @@ def load_competition_data(
     if train is not None:
         train["answer"] = train["answer"].str.replace(r"\s+", "", regex=True)
         if sample is not None:  # the submission answers in the case of the labels it is graded against
-            sample.attrs["uppercase_answers"] = bool(train["answer"].isin(["A", "B", "C", "D"]).all())
+            sample.attrs["uppercase_answers"] = bool(train["answer"].isin([x.upper() for x in LETTERS]).all())
         train["answer"] = train["answer"].str.lower()
         bad = train.loc[~train["answer"].isin(LETTERS)]
         if len(bad):
@@ -2656,12 +2656,11 @@ def train_folds(base_model, processor, folds: pd.DataFrame, test: pd.DataFrame, 
     if results:
         print(f"folds {[r['fold'] for r in results]}: already trained, skipped")
     for i, fold in enumerate(to_train):
-        # A fold starts if one epoch of it, and scoring it with the folds before it, fit. A fold resumed with an epoch
-        # done (its best adapter saved) goes on as far as time allows: it is scored whatever it trains now.
+        # A fold starts if one epoch of it fits before the scoring of every fold started, itself included. A fold
+        # resumed with an epoch done (its best adapter saved) goes on as far as time allows: it is scored anyway.
         budget.members += 1
         resumed = (cfg.fold_dir(fold) / "best_adapter").is_dir()
         if not budget.can_train(0 if resumed else int((folds["fold"] != fold).sum())):
-            budget.members -= 1
             print(
                 f"folds {to_train[i:]}: not trained: one epoch would not leave time to score "
                 f"({budget.seconds_left() / 3600:.1f} h left of time_budget_hours={cfg.time_budget_hours}); "
@@ -3207,14 +3206,8 @@ def write_submission(choices: np.ndarray, test: pd.DataFrame, sample: pd.DataFra
     submission = pd.DataFrame({"id": sample["id"], "answer": sample["id"].map(answers)})
     validate_submission(submission, sample)
     header = sample.attrs.get("header", {})
-    written = pd.DataFrame(
-        {
-            header.get("id", "id"): submission["id"],
-            header.get("answer", "answer"): submission["answer"].str.upper()
-            if sample.attrs.get("uppercase_answers")
-            else submission["answer"],
-        }
-    )
+    letters = submission["answer"].str.upper() if sample.attrs.get("uppercase_answers") else submission["answer"]
+    written = pd.DataFrame({header.get("id", "id"): submission["id"], header.get("answer", "answer"): letters})
     atomic_write_text(path, written.to_csv(index=False))
     return submission
 
