@@ -28,6 +28,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -42,6 +43,7 @@ import types
 import unicodedata
 import urllib.parse
 import warnings
+import weakref
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -236,6 +238,10 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 # Reentrant checkpointing (Config.reentrant_checkpointing, the default) warns on the vision encoder's blocks, which
 # have no trainable weights and so need no gradient.
 warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True. Gradients will be None")
+# bitsandbytes (0.50) looks for an optional CPU kernel package (`kernels`) when it is imported on a CPU with AVX-512
+# BF16, and logs a warning to install it when it is missing: this notebook computes on the GPU, or on the CPU without
+# 4-bit weights.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # The GradScaler skips the optimizer step whose fp16 gradients overflowed, and the schedule steps anyway, by design:
 # skipped steps are counted in result.json.
 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
@@ -427,8 +433,8 @@ class Config:
     quantize_vision: bool = True  # the vision encoder in 4 bits too; False keeps it in 16 bits, as Unsloth does
     # (4-bit vision broke Qwen2-VL-2B in Unsloth's tests): 0.5-0.8 GiB more weights (experiments/README, plan)
     offload_activations: bool = False  # keep each checkpointed layer's input in CPU memory until the backward, as
-    # Unsloth does: 1.7 GiB less for Qwen3-VL-8B at micro-batch 16 at 0.91x the speed, 0.55 GiB less for Qwen3.5-4B
-    # at its speed (experiments/README, peers and rehearsal_checkpointing)
+    # Unsloth does: 1.7 GiB less for Qwen3-VL-8B at micro-batch 16 at 0.94x the speed (bf16), Unsloth's memory at
+    # 1.03x its speed (experiments/README, peers and rehearsal_checkpointing)
     reentrant_checkpointing: bool = True  # torch's reentrant checkpointing, as Unsloth runs it: the same gradients,
     # 1.06-1.11x the training speed of the non-reentrant variant (False) on Qwen3-VL-8B and Qwen3.5-4B, whole runs too
 
@@ -1489,10 +1495,13 @@ def load_model_and_processor(cfg: Config):
     model.config.get_text_config().use_cache = False  # the language model reads its own config
     # Checkpointing keeps each decoder layer's input and recomputes the rest in the backward. The reentrant variant
     # runs the forward without autograd (transformers then makes the embeddings' output require grad, so that the
-    # LoRA weights get theirs); offload keeps the inputs in pinned CPU memory (torch's save_on_cpu).
+    # LoRA weights get theirs); offload keeps the inputs in pinned CPU memory (OffloadedCheckpointing; on a CPU they
+    # are in CPU memory already).
     # transformers 5.23 renamed gradient checkpointing "activation checkpointing"; 5.21 and 5.22 know only the old name.
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": cfg.reentrant_checkpointing}, offload=cfg.offload_activations)
+    enable({"use_reentrant": cfg.reentrant_checkpointing})
+    if cfg.offload_activations and torch.cuda.is_available():
+        OffloadedCheckpointing(cfg.reentrant_checkpointing).install(model)
     return model, processor
 
 
@@ -1680,6 +1689,82 @@ def batch_vision_attention(model) -> int:
     for module in modules:
         module.forward = types.MethodType(batched_vision_attention_forward, module)
     return len(modules)
+
+
+# -- Layer inputs offloaded to the CPU on a stream of their own --------------------------------------------------------
+# Checkpointing keeps one tensor per decoder layer for the backward: its input (Qwen3-VL-8B at micro-batch 16: 36 x
+# 42 MB). Config.offload_activations keeps those in pinned CPU memory instead, as Unsloth does. torch's save_on_cpu
+# (transformers' offload=True) copies them on the stream that computes, which waits for every copy: 1.17x the step of
+# Qwen3-VL-8B in bf16 on an H200. Like Unsloth (unsloth_zoo/gradient_checkpointing.py), this copies on a second CUDA
+# stream: the forward computes on while an input goes out, and in the backward the input of the layer before is fetched
+# while this one recomputes: on Qwen3-VL-8B the same memory at 1.08-1.09x save_on_cpu's speed, 0.96-0.97x the speed
+# without offloading; its prototype trained 1.03x Unsloth's samples/s at its memory (experiments/README, side stream).
+@dataclass(eq=False, slots=True, weakref_slot=True)
+class OffloadedInput:
+    host: torch.Tensor  # the layer input, in pinned CPU memory
+    device: torch.device
+    previous: weakref.ref | None  # to the input saved before it in the forward
+    on_gpu: torch.Tensor | None = None  # fetched back for the backward, or being fetched
+    used: bool = False
+
+
+class OffloadedCheckpointing:
+    """The checkpointing function of every decoder layer (see above); `install(model)` puts it in place of the one
+    transformers set. The chain of inputs is held by autograd, here only weakly: a forward cut short by an error
+    leaves nothing behind."""
+
+    def __init__(self, use_reentrant: bool):
+        self.use_reentrant = use_reentrant
+        self.streams = {}  # one side stream per GPU: a model split over two GPUs copies on each
+        self.last = None  # weak reference to the last input saved in this forward: the one before the next
+
+    def install(self, model) -> int:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        for layer in layers:
+            layer._gradient_checkpointing_func = self.checkpoint
+        return len(layers)
+
+    def checkpoint(self, function, *args):
+        # A layer whose input needs no gradient (the frozen vision encoder's) keeps nothing for a backward.
+        if not any(torch.is_tensor(a) and a.requires_grad for a in args):
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=self.use_reentrant)
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=self.use_reentrant)
+
+    def side_stream(self, device: torch.device):
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
+
+    def pack(self, tensor: torch.Tensor) -> OffloadedInput:
+        side = self.side_stream(tensor.device)
+        side.wait_stream(torch.cuda.current_stream(tensor.device))  # the copy starts once the input is computed
+        with torch.cuda.stream(side):
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(side)  # its GPU memory is not reused before the copy has read it
+        saved = OffloadedInput(host, tensor.device, self.last)
+        self.last = weakref.ref(saved)
+        return saved
+
+    def fetch(self, saved: OffloadedInput) -> None:
+        with torch.cuda.stream(self.side_stream(saved.device)):
+            saved.on_gpu = saved.host.to(saved.device, non_blocking=True)
+
+    def unpack(self, saved: OffloadedInput) -> torch.Tensor:
+        self.last = None  # the backward has begun: the next forward starts a new chain
+        if saved.on_gpu is None:  # the last layer's input, or one whose fetch was not started ahead
+            self.fetch(saved)
+        compute = torch.cuda.current_stream(saved.device)
+        compute.wait_stream(self.side_stream(saved.device))
+        tensor, saved.on_gpu, saved.used = saved.on_gpu, None, True
+        tensor.record_stream(compute)  # allocated on the side stream, used on this one
+        previous = saved.previous and saved.previous()
+        if previous is not None and previous.on_gpu is None and not previous.used:
+            self.fetch(previous)  # while this layer recomputes
+        return tensor
 
 
 # Which projections get adapters by default (GPU_DEFAULTS' lora_targets): q/k/v/o_proj of the attention layers and, in

@@ -37,8 +37,10 @@ without its offloading); `offload` with the layer inputs that checkpointing save
 backward, as Unsloth does (Config.offload_activations); `unsloth-like` with all of Unsloth's step: dropout 0,
 reentrant checkpointing offloaded to the CPU, compiled layers; `reentrant-offload` with both checkpointing switches
 and nothing compiled (Unsloth's memory with the project's kernels), and `offload-no-dropout` with LoRA dropout 0 as
-well (Unsloth's memory and settings); `side-stream-offload` offloads as Unsloth does, its copies on a second CUDA
-stream beside the computing (SideStreamOffload, a prototype). `--loader` feeds every way as `loader` does.
+well (Unsloth's memory and settings). Offloading is helpers.OffloadedCheckpointing (its copies on a second CUDA stream,
+as Unsloth's) since 2026-11-29; `save-on-cpu` offloads as helpers did before, with torch's save_on_cpu (its copies on
+the compute stream; the results made before name that way `reentrant-offload`, and the side-stream prototype
+`side-stream-offload`). `--loader` feeds every way as `loader` does.
 
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
 synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
@@ -138,10 +140,10 @@ PROJECT_WAYS = {
         {"lora_dropout": 0.0, "reentrant_checkpointing": True, "offload_activations": True},
         ("compile",),
     ),
-    "side-stream-offload": (  # Unsloth's way of offloading (its copies beside the computing), the project's kernels
-        "project, reentrant checkpointing offloaded on a side stream",
+    "save-on-cpu": (  # the offloading that helpers had before OffloadedCheckpointing: copies on the compute stream
+        "project, reentrant checkpointing offloaded by save_on_cpu",
         {"reentrant_checkpointing": True},
-        ("side-stream-offload",),
+        ("save-on-cpu",),
     ),
     "offload-no-dropout": (  # Unsloth's memory and its settings (LoRA dropout 0), the project's kernels
         "project, reentrant checkpointing offloaded, LoRA dropout 0",
@@ -171,61 +173,6 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
-
-
-class SideStreamOffload:
-    """A prototype of Unsloth's offloading (unsloth_zoo/gradient_checkpointing.py), without its preallocated buffers:
-    each checkpointed layer's input goes to pinned CPU memory on a second CUDA stream, so the forward computes on
-    while it is copied; in the backward, when a layer takes its input back, the input of the layer before it is
-    fetched on that stream while this one recomputes. torch's save_on_cpu (Config.offload_activations, through
-    transformers) makes both copies on the computing stream, which waits for them: 1.17x the step on an H200.
-    Install with `install(model)` in place of the checkpointing function transformers set; reentrant only."""
-
-    def __init__(self):
-        self.stream = torch.cuda.Stream()
-        self.last = None  # the last input saved in this forward: the next one's predecessor
-
-    def install(self, model) -> int:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-        for layer in layers:
-            layer._gradient_checkpointing_func = self.checkpoint
-        return len(layers)
-
-    def checkpoint(self, function, *args):
-        # Inputs that need no gradient (the frozen vision encoder's) are not kept for a backward: nothing to offload.
-        if not any(torch.is_tensor(a) and a.requires_grad for a in args):
-            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True)
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True)
-
-    def pack(self, tensor: torch.Tensor) -> dict:
-        self.stream.wait_stream(torch.cuda.current_stream())  # the copy starts once the tensor is computed
-        with torch.cuda.stream(self.stream):
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(self.stream)  # its GPU memory is not reused before the copy has read it
-        saved = {"host": host, "device": tensor.device, "gpu": None, "previous": self.last}
-        self.last = saved
-        return saved
-
-    def fetch(self, saved: dict) -> None:
-        with torch.cuda.stream(self.stream):
-            saved["gpu"] = saved["host"].to(saved["device"], non_blocking=True)
-
-    def unpack(self, saved: dict) -> torch.Tensor:
-        self.last = None  # the backward has begun: the next forward starts a new chain
-        if saved["gpu"] is None:  # the last layer's, or one whose fetch was not started ahead
-            self.fetch(saved)
-        compute = torch.cuda.current_stream()
-        compute.wait_stream(self.stream)
-        tensor, saved["gpu"] = saved["gpu"], None
-        tensor.record_stream(compute)  # allocated on the side stream, used on this one
-        previous = saved["previous"]
-        if previous is not None and previous["gpu"] is None:
-            self.fetch(previous)  # while this layer recomputes
-        return tensor
 
 
 def score_letters(model, processor, df, cfg) -> dict:
@@ -265,9 +212,11 @@ def run_project(args, df, result: dict, save) -> None:
     result["settings"]["checkpointing"] = {"reentrant": cfg.reentrant_checkpointing, "offload": cfg.offload_activations}
     if "compile" in extras:
         result["settings"]["compiled_layers"] = compile_decoder_layers(model)
-    if "side-stream-offload" in extras:
-        result["settings"]["checkpointing"]["offload"] = "side stream (SideStreamOffload)"
-        result["settings"]["checkpointed_layers"] = SideStreamOffload().install(model)
+    if "save-on-cpu" in extras:  # the offloading helpers had before OffloadedCheckpointing
+        model.get_base_model().activation_checkpointing_enable({"use_reentrant": True}, offload=True)
+        result["settings"]["checkpointing"]["offload"] = "torch's save_on_cpu (transformers' offload=True)"
+    elif cfg.offload_activations:
+        result["settings"]["checkpointing"]["offload"] = "side stream (helpers.OffloadedCheckpointing)"
     train_df = df.head(EFFECTIVE_BATCH * (1 + args.steps))  # the rows the peers train on
     batches = helpers.length_grouped_batches(helpers.prompt_lengths(train_df), EFFECTIVE_BATCH, seed=0)
     info = {"decoder_params": None}  # for MFU, which needs the GPU's peak TFLOP/s: left out here (tflops None)

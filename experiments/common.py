@@ -360,7 +360,9 @@ def environment() -> dict:
         env["cuda"] = torch.version.cuda
     else:
         env["gpu"] = None
-    env["compute_dtype"] = str(helpers.compute_dtype())
+    # What precision="auto" picks on this GPU; a run's own precision is in its arguments (results before 2026-11-29
+    # call this compute_dtype, whatever the run's precision was).
+    env["auto_compute_dtype"] = str(helpers.compute_dtype())
     return env
 
 

@@ -4,6 +4,7 @@
 #   .whl/          transformers, peft, bitsandbytes (only its CPU and CUDA 13.0/13.2 libraries), qwen-vl-utils: 21 MiB
 #   .whl-peers/    TRL and what it needs beyond the machine's packages (bench_peers.py): 1.8 MiB
 #   .whl-unsloth/  Unsloth without its Studio web app, and what it imports (bench_peers.py, top): 14 MiB
+#   .whl-test/     pytest, for the tests that need a GPU (run_gpu.sh gpu-tests): 2 MiB
 # A device call carries them: carry [".whl", ".whl-peers", ".whl-unsloth"] (64 MiB at most with the tracked files).
 #   bash experiments/fetch_wheels.sh            # into the repository
 #   bash experiments/fetch_wheels.sh /tmp/w     # elsewhere, e.g. to check the recipe
@@ -21,6 +22,8 @@ get() {  # get FOLDER PACKAGE==VERSION...: binary wheels for the GPU machine's P
 }
 
 get .whl transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 qwen-vl-utils==0.0.14
+# pytest, for the GPU-only tests (run_gpu.sh gpu-tests)
+get .whl-test pytest==9.0.3 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 packaging==26.4
 # pyarrow stays out: datasets' dill cannot pickle it from a --target folder (experiments/README, "A trap")
 get .whl-peers trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 # Unsloth requires transformers<=5.17 (the machine's), trl<=1.15 and datasets<5: it runs from a folder of its own
@@ -31,4 +34,4 @@ get .whl-unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 torchao==0.18.0 cut_c
 
 python3 "$repo/experiments/strip_wheel.py" "$root"/.whl/bitsandbytes-0.50.2-*.whl --keep-only '_(cpu|cuda130|cuda132)\.so'
 python3 "$repo/experiments/strip_wheel.py" "$root"/.whl-unsloth/unsloth-2026.10.9-*.whl --drop '^studio/'
-du -sh "$root/.whl" "$root/.whl-peers" "$root/.whl-unsloth"
+du -sh "$root/.whl" "$root/.whl-peers" "$root/.whl-unsloth" "$root/.whl-test"

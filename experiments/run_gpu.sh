@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
-#                                               rehearse-checkpointing
+#                                               rehearse-checkpointing, rehearse-offload
+#   bash experiments/run_gpu.sh gpu-tests        # the tests skipped in CI for want of a GPU (.whl-test/ carried)
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
 # files come back from the GPU machine) as they run, and the JSON copied to experiments/results/. The benchmarks
 # write their JSON after every model, so one cut short, by its timeout or the device call's, still leaves what it
@@ -18,6 +19,7 @@
 cd "$(dirname "$0")/.." || exit 1
 wheels=(.whl/*.whl)
 [[ -d .whl-peers ]] && wheels+=(.whl-peers/*.whl)
+[[ -d .whl-test ]] && wheels+=(.whl-test/*.whl)  # pytest, for gpu-tests
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" &&
     export PYTHONPATH=/tmp/site || echo "WARNING: installing ${wheels[*]} failed; 4-bit loading will fail"
 
@@ -117,12 +119,16 @@ done
 
 # The default model through the whole notebook with each checkpointing way (Config.reentrant_checkpointing,
 # offload_activations), one after the other on the one GPU and 4 cores, into results/rehearsal_checkpointing.json:
-# the gate for making reentrant checkpointing the default, as it is since (3 minutes each).
-if [[ " $selected " == *" rehearse-checkpointing "* ]]; then
+# the gate for making reentrant checkpointing the default, as it is since (3 minutes each). rehearse-offload: the
+# default and the offloaded way only, the gate for helpers.OffloadedCheckpointing (offloading on a side stream).
+ways=()
+[[ " $selected " == *" rehearse-checkpointing "* ]] && ways=(non-reentrant reentrant reentrant-offload)
+[[ " $selected " == *" rehearse-offload "* ]] && ways=(reentrant reentrant-offload)
+if [[ ${#ways[@]} -gt 0 ]]; then
     args=(--model qwen3.5-4b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200)
     python3 experiments/rehearse.py --out /dev/null --prepare-only "${args[@]}" 2>&1 | tail -n 2
     # The committed non-reentrant run was made as "default" (it was then): its log says so, its name has no way
-    for way in non-reentrant reentrant reentrant-offload; do
+    for way in "${ways[@]}"; do
         echo "== rehearse-checkpointing: $way ($((SECONDS - started)) s elapsed)"
         MPLBACKEND=Agg timeout -s INT -k 30 200 taskset -c 0-3 python3 experiments/rehearse.py "${args[@]}" \
             --checkpointing $way --out "$OUT/rehearsal_checkpointing.json" 2>&1 |
@@ -282,11 +288,20 @@ run peers_unsloth_equal_bf16 560 experiments/bench_peers.py --model 8b --precisi
 run peers_unsloth_settings_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,unsloth \
     --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
     --project-ways default,reentrant-offload,offload-no-dropout --unsloth-site /tmp/site-unsloth
-# Not run yet: the offloaded way's copies on a second stream, as Unsloth's (bench_peers.SideStreamOffload, a
-# prototype), beside torch's save_on_cpu, the default and Unsloth, bf16, 40 steps: about 9.5 minutes.
+# The offloaded way's copies on a second stream, as Unsloth's, beside torch's save_on_cpu, the default and Unsloth,
+# bf16, 40 steps: about 9.5 minutes. Made with the prototype (bench_peers.SideStreamOffload, since moved into helpers
+# as OffloadedCheckpointing) as `--project-ways default,reentrant-offload,side-stream-offload`: its
+# reentrant-offload was then save_on_cpu, what save-on-cpu is now, and side-stream-offload what reentrant-offload is.
 run peers_unsloth_offload_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,unsloth \
     --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
-    --project-ways default,reentrant-offload,side-stream-offload --unsloth-site /tmp/site-unsloth
+    --project-ways default,save-on-cpu,reentrant-offload --unsloth-site /tmp/site-unsloth
+# The same ways through helpers.OffloadedCheckpointing itself, the project only, in bf16 and fp16 (4 minutes each)
+run peers_offload_bf16 300 experiments/bench_peers.py --model 8b --precisions bf16 --tools project \
+    --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --worker-timeout 240 --loader \
+    --project-ways default,save-on-cpu,reentrant-offload
+run peers_offload_fp16 250 experiments/bench_peers.py --model 8b --precisions fp16 --tools project \
+    --steps 30 --rows 496 --micro-batches 16 --score-rows 32 --worker-timeout 200 --loader \
+    --project-ways default,save-on-cpu,reentrant-offload
 # The vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16: 2 minutes.
 run peers_vision16 200 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
     --micro-batches 16 --score-rows 16 --worker-timeout 100 --project-ways default,vision16
@@ -301,6 +316,15 @@ run peers_compiled 540 experiments/bench_peers.py --model 8b --precisions fp16 -
 run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project,trl \
     --project-ways default,no-islands --micro-batches 16 --steps 20 --rows 336 --score-rows 128 --generate-rows 8 \
     --worker-timeout 140
+
+# The tests that need a GPU, skipped in CI (pytest from .whl-test/, experiments/fetch_wheels.sh); on two GPUs the
+# offloading test also splits the model over both
+if [[ " $selected " == *" gpu-tests "* ]]; then
+    echo "== gpu-tests ($((SECONDS - started)) s elapsed)"
+    timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_offloaded_checkpointing.py 2>&1 |
+        tee "$OUT/gpu-tests.log" | tail -n 8
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || failures+=("gpu-tests")
+fi
 
 echo "== all done in $((SECONDS - started)) s; failures: ${failures[*]:-none}"
 ls -l "$OUT"
