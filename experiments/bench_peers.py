@@ -40,7 +40,9 @@ and nothing compiled (Unsloth's memory with the project's kernels), and `offload
 well (Unsloth's memory and settings). Offloading is helpers.OffloadedCheckpointing (its copies on a second CUDA stream,
 as Unsloth's) since 2026-11-29; `save-on-cpu` offloads as helpers did before, with torch's save_on_cpu (its copies on
 the compute stream; the results made before name that way `reentrant-offload`, and the side-stream prototype
-`side-stream-offload`). `--loader` feeds every way as `loader` does.
+`side-stream-offload`). `fused-lora` adds each LoRA product to the base output with one addmm, as Unsloth does
+(fuse_lora_products, a prototype), `fused-lora-no-dropout` with LoRA dropout 0 as well. `--loader` feeds every way
+as `loader` does.
 
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
 synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
@@ -145,6 +147,12 @@ PROJECT_WAYS = {
         {"reentrant_checkpointing": True},
         ("save-on-cpu",),
     ),
+    "fused-lora": ("project, LoRA products fused (addmm)", {}, ("fused-lora",)),  # Unsloth's LoRA forward
+    "fused-lora-no-dropout": (
+        "project, LoRA products fused (addmm), LoRA dropout 0",
+        {"lora_dropout": 0.0},
+        ("fused-lora",),
+    ),
     "offload-no-dropout": (  # Unsloth's memory and its settings (LoRA dropout 0), the project's kernels
         "project, reentrant checkpointing offloaded, LoRA dropout 0",
         {"reentrant_checkpointing": True, "offload_activations": True, "lora_dropout": 0.0},
@@ -173,6 +181,40 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def fused_lora_forward(self, x, *args, **kwargs):
+    """peft's LoRA forward for one active plain adapter, as Unsloth rewrites it (unsloth_zoo/compiler.py,
+    lora_forward): the base output plus the scaled LoRA product in one addmm, without peft's defensive copy of the base
+    output and its separate scale and add (three passes over each adapted layer's output, in the forward alone)."""
+    result = self.base_layer(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    xa = self.lora_A[name](self.lora_dropout[name](x)).to(result.dtype)
+    weight = self.lora_B[name].weight.to(result.dtype)
+    shape = result.shape
+    fused = torch.addmm(
+        result.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1]), weight.t(), alpha=self.scaling[name]
+    )
+    return fused.view(shape)
+
+
+def fuse_lora_products(model) -> int:
+    """Gives every LoRA layer with one active plain adapter (no DoRA or other variant, no bias, not merged) the fused
+    forward above; returns how many. A prototype: it goes into helpers only if it measures faster on the GPU."""
+    import types
+
+    from peft.tuners.lora import LoraLayer
+
+    fused = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or len(module.active_adapters) != 1 or module.merged:
+            continue
+        name = module.active_adapters[0]
+        if name in module.lora_variant or module.lora_B[name].bias is not None:
+            continue
+        module.forward = types.MethodType(fused_lora_forward, module)
+        fused += 1
+    return fused
 
 
 def score_letters(model, processor, df, cfg) -> dict:
@@ -212,6 +254,8 @@ def run_project(args, df, result: dict, save) -> None:
     result["settings"]["checkpointing"] = {"reentrant": cfg.reentrant_checkpointing, "offload": cfg.offload_activations}
     if "compile" in extras:
         result["settings"]["compiled_layers"] = compile_decoder_layers(model)
+    if "fused-lora" in extras:
+        result["settings"]["fused_lora_layers"] = fuse_lora_products(model)
     if "save-on-cpu" in extras:  # the offloading helpers had before OffloadedCheckpointing
         model.get_base_model().activation_checkpointing_enable({"use_reentrant": True}, offload=True)
         result["settings"]["checkpointing"]["offload"] = "torch's save_on_cpu (transformers' offload=True)"
