@@ -5,6 +5,7 @@ the computing, on one GPU or with the layers split over two."""
 
 import contextlib
 import gc
+import weakref
 
 import pytest
 import torch
@@ -24,25 +25,28 @@ class NoStream:
 
 
 class RecordedOffload(helpers.OffloadedCheckpointing):
-    """Logs each saved input's pack, fetch and unpack, by the order of its pack."""
+    """Logs each saved input's pack, fetch and unpack, by the order of its pack. The saved inputs are held weakly,
+    as the class holds them (a freed one's id() may come back for the next)."""
 
     def __init__(self, use_reentrant):
         super().__init__(use_reentrant)
         self.log = []
-        self.order = {}
+        self.order = weakref.WeakKeyDictionary()
+        self.packed = 0
 
     def pack(self, tensor):
         saved = super().pack(tensor)
-        self.order[id(saved)] = len(self.order)
-        self.log.append(("pack", self.order[id(saved)]))
+        self.order[saved] = self.packed
+        self.packed += 1
+        self.log.append(("pack", self.order[saved]))
         return saved
 
     def fetch(self, saved):
-        self.log.append(("fetch", self.order[id(saved)]))
+        self.log.append(("fetch", self.order[saved]))
         super().fetch(saved)
 
     def unpack(self, saved):
-        self.log.append(("unpack", self.order[id(saved)]))
+        self.log.append(("unpack", self.order[saved]))
         return super().unpack(saved)
 
 
@@ -121,7 +125,7 @@ def test_a_forward_cut_short_leaves_nothing_behind(cpu_streams, tiny_model_dirs,
     gc.collect()
     assert offload.last is not None and offload.last() is None  # the failed forward's inputs are gone
     last.forward = original
-    failed = len(offload.order)
+    failed = offload.packed
     offload.log.clear()
     backward_on_cpu(peft_model, batch, 2)
     assert all(i >= failed for _, i in offload.log)
