@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ROOT
 from peft.tuners.lora import LoraLayer
-from test_model import backward_on_cpu, cfg_for, one_batch, trainable_lora_model
+from test_model import backward_on_cpu, cfg_for, flat_grad, one_batch, trainable_lora_model
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import bench_peers  # noqa: E402
@@ -25,7 +25,7 @@ def test_fused_lora_keeps_the_loss_and_the_gradient(arch, tiny_model_dirs, tmp_p
         batch = one_batch(processor, sample_data[0].head(4))
         torch.manual_seed(1)  # the dropout masks, drawn in the same order both ways
         losses.append(backward_on_cpu(peft_model, batch, 2))
-        grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
+        grads.append(flat_grad(peft_model))
     assert peft_model.peft_config["default"].lora_dropout > 0
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)

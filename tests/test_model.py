@@ -43,6 +43,11 @@ def trainable_lora_model(cfg):
     return peft_model.train(), processor
 
 
+def flat_grad(peft_model) -> torch.Tensor:
+    """Every trained weight's gradient in one fp32 vector on the CPU (a model may span two GPUs)."""
+    return torch.cat([p.grad.float().flatten().cpu() for p in peft_model.parameters() if p.requires_grad])
+
+
 def backward_on_cpu(peft_model, batch, micro_batch: int) -> float:
     """helpers.accumulate_gradients as helpers.fit runs it on a CPU: fp32, the GradScaler off."""
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -139,18 +144,13 @@ def test_default_lora_reaches_both_layer_types_of_qwen3_5(arch, tiny_model_dirs,
 
 def test_micro_batches_give_the_full_batch_gradient(tiny_model_dirs, tmp_path, sample_data):
     cfg = cfg_for("qwen3_vl", tiny_model_dirs, tmp_path, lora_dropout=0.0)
-    model, processor = helpers.load_model_and_processor(cfg)
-    peft_model = helpers.attach_lora(model, cfg)
-    peft_model.train()  # as helpers.fit trains: gradient checkpointing on
-    for p in peft_model.parameters():  # non-zero B so every LoRA weight gets a gradient
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.02)
+    peft_model, processor = trainable_lora_model(cfg)
     batch = one_batch(processor, sample_data[0].head(6))
     grads = []
     for micro in (6, 1, 4):
         peft_model.zero_grad()
         backward_on_cpu(peft_model, batch, micro)
-        grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
+        grads.append(flat_grad(peft_model))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-6)
 
@@ -174,7 +174,7 @@ def test_both_checkpointing_ways_give_the_same_gradient(arch, tiny_model_dirs, t
         batch = one_batch(processor, sample_data[0].head(4))
         torch.manual_seed(1)  # the dropout masks
         backward_on_cpu(peft_model, batch, 2)
-        grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
+        grads.append(flat_grad(peft_model))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 

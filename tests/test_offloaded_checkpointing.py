@@ -9,7 +9,7 @@ import weakref
 
 import pytest
 import torch
-from test_model import backward_on_cpu, cfg_for, one_batch, trainable_lora_model
+from test_model import backward_on_cpu, cfg_for, flat_grad, one_batch, trainable_lora_model
 from transformers import AutoConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -58,10 +58,6 @@ def cpu_streams(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: None)
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *args, pin_memory=False, **kwargs: empty(*args, **kwargs))
-
-
-def flat_grad(peft_model):
-    return torch.cat([p.grad.float().flatten().cpu() for p in peft_model.parameters() if p.requires_grad])
 
 
 # The stubbed streams stand in for a GPU's on a machine without one; with one, the tests at the end run the real ones.
