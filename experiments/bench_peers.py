@@ -158,6 +158,21 @@ PROJECT_WAYS = {
         {"reentrant_checkpointing": True, "offload_activations": True, "lora_dropout": 0.0},
         (),
     ),
+    # peers_unsloth_helpers_fp16 measured the two ways below with bench_peers' prototype of helpers.compile_norms (the
+    # same code), beside eager norms, the Config's default then (its "project" and other ways); compiled is the default
+    # since, and eager-norms the old default.
+    "compiled-norms": ("project, RMSNorms and rotary embedding compiled", {"compile_norms": True}, ()),
+    "eager-norms": ("project, RMSNorms and rotary embedding eager", {"compile_norms": False}, ()),
+    "offload-compiled-norms-fused-lora-no-dropout": (  # Unsloth's step but for compiling the matmuls with the rest
+        "project, reentrant checkpointing offloaded, RMSNorms and rotary compiled, LoRA dropout 0, LoRA fused",
+        {"reentrant_checkpointing": True, "offload_activations": True, "lora_dropout": 0.0, "compile_norms": True},
+        ("fused-lora",),
+    ),
+    "offload-fused-lora-no-dropout": (  # as far as the project goes towards Unsloth's step without compiling
+        "project, reentrant checkpointing offloaded, LoRA dropout 0, LoRA products fused (addmm)",
+        {"reentrant_checkpointing": True, "offload_activations": True, "lora_dropout": 0.0},
+        ("fused-lora",),
+    ),
 }
 
 
@@ -189,7 +204,8 @@ def fused_lora_forward(self, x, *args, **kwargs):
     output and its separate scale and add (three passes over each adapted layer's output, in the forward alone)."""
     result = self.base_layer(x, *args, **kwargs)
     name = self.active_adapters[0]
-    xa = self.lora_A[name](self.lora_dropout[name](x)).to(result.dtype)
+    lora_A = self.lora_A[name]  # peft casts the input to the adapter's dtype too (fp32 when scoring without autocast)
+    xa = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))).to(result.dtype)
     weight = self.lora_B[name].weight.to(result.dtype)
     shape = result.shape
     fused = torch.addmm(
@@ -252,6 +268,7 @@ def run_project(args, df, result: dict, save) -> None:
     result["settings"]["trainable_params"] = common.trainable_params(model)
     extras = PROJECT_WAYS[args.project_way][2]
     result["settings"]["checkpointing"] = {"reentrant": cfg.reentrant_checkpointing, "offload": cfg.offload_activations}
+    result["settings"]["compile_norms"] = cfg.compile_norms
     if "compile" in extras:
         result["settings"]["compiled_layers"] = compile_decoder_layers(model)
     if "fused-lora" in extras:

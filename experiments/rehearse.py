@@ -179,6 +179,12 @@ def main() -> None:
         help="Config.reentrant_checkpointing and offload_activations: how the layer inputs are saved and replayed",
     )
     parser.add_argument(
+        "--compile-norms",
+        choices=("on", "off"),
+        default="on",
+        help="Config.compile_norms: on (the default) compiles the language model's RMSNorms and rotary embedding",
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="build the checkpoint and data, then stop (run it "
@@ -205,6 +211,7 @@ def main() -> None:
     name += f" rows={args.train_rows} seed={args.seed} expandable={args.expandable_segments}"
     name += " vision=16bit" if args.quantize_vision == "off" else ""  # named only when off, as before the switch
     name += f" checkpointing={args.checkpointing}"
+    name += " norms=eager" if args.compile_norms == "off" else ""  # named only when off, as before the switch
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil
@@ -214,6 +221,7 @@ def main() -> None:
     overrides = dict(model_id=model_id, n_folds=args.folds, epochs=args.epochs, parallel_folds=parallel, seed=args.seed)
     overrides["quantize_vision"] = args.quantize_vision == "on"
     overrides.update(CHECKPOINTING[args.checkpointing])
+    overrides["compile_norms"] = args.compile_norms == "on"
     if not tiny:
         overrides.update(precision=args.precision, gpu_memory_cap_gib=args.cap_gib)
     entry = {

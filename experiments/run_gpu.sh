@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
-#                                               rehearse-checkpointing, rehearse-offload
+#                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled
 #   bash experiments/run_gpu.sh gpu-tests        # the tests skipped in CI for want of a GPU (.whl-test/ carried)
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
 # files come back from the GPU machine) as they run, and the JSON copied to experiments/results/. The benchmarks
@@ -121,6 +121,20 @@ done
 # offload_activations), one after the other on the one GPU and 4 cores, into results/rehearsal_checkpointing.json:
 # the gate for making reentrant checkpointing the default, as it is since (3 minutes each). rehearse-offload: the
 # default and the offloaded way only, the gate for helpers.OffloadedCheckpointing (offloading on a side stream).
+# rehearse-compiled: the default model with its norms compiled (Config.compile_norms, the default since) and eager,
+# the gate for compiling them (about 3 minutes each); run after gpu-tests, in one call.
+if [[ " $selected " == *" rehearse-compiled "* ]]; then
+    args=(--model qwen3.5-4b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200)
+    python3 experiments/rehearse.py --out /dev/null --prepare-only "${args[@]}" 2>&1 | tail -n 2
+    for norms in on off; do
+        echo "== rehearse-compiled: norms compiled $norms ($((SECONDS - started)) s elapsed)"
+        MPLBACKEND=Agg timeout -s INT -k 30 200 taskset -c 0-3 python3 experiments/rehearse.py "${args[@]}" \
+            --compile-norms $norms --out "$OUT/rehearsal_compiled.json" 2>&1 |
+            tee "$OUT/rehearse-compiled-$norms.log" | grep -v "it/s\]$" | grep "rehearsal \|Error\|out of memory"
+        [[ ${PIPESTATUS[0]} -eq 0 ]] || failures+=("rehearse-compiled:$norms")
+    done
+    cp "$OUT/rehearsal_compiled.json" experiments/results/ 2>/dev/null
+fi
 ways=()
 [[ " $selected " == *" rehearse-checkpointing "* ]] && ways=(non-reentrant reentrant reentrant-offload)
 [[ " $selected " == *" rehearse-offload "* ]] && ways=(reentrant reentrant-offload)
@@ -302,12 +316,24 @@ run peers_offload_bf16 300 experiments/bench_peers.py --model 8b --precisions bf
 run peers_offload_fp16 250 experiments/bench_peers.py --model 8b --precisions fp16 --tools project \
     --steps 30 --rows 496 --micro-batches 16 --score-rows 32 --worker-timeout 200 --loader \
     --project-ways default,save-on-cpu,reentrant-offload
-# Not run yet: Unsloth's LoRA forward (one addmm, no copy of the base output; bench_peers.fuse_lora_products, a
+# Unsloth's LoRA forward (one addmm, no copy of the base output; bench_peers.fuse_lora_products, a
 # prototype) beside peft's, with LoRA dropout 0.05 and 0, fp16, 30 steps (5 minutes): what is left of Unsloth's
 # shorter median step
 run peers_fused_lora 330 experiments/bench_peers.py --model 8b --precisions fp16 --tools project \
     --steps 30 --rows 496 --micro-batches 16 --score-rows 32 --worker-timeout 200 --loader \
     --project-ways default,fused-lora,no-dropout,fused-lora-no-dropout
+# helpers.OffloadedCheckpointing beside Unsloth in one call, in bf16 and in fp16 (9.5 minutes each): the default, the
+# offloaded way (Unsloth's memory), and that with Unsloth's LoRA settings (dropout 0, one addmm for each product)
+run peers_unsloth_helpers_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,unsloth \
+    --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
+    --project-ways default,reentrant-offload,offload-fused-lora-no-dropout --unsloth-site /tmp/site-unsloth
+# In fp16 with the norms and rotary embedding compiled too (then a prototype, now helpers.compile_norms): made as
+# default,compiled-norms,... when the default ran them eager, as eager-norms does now (its reentrant-offload ran them
+# eager too; now it compiles them).
+run peers_unsloth_helpers_fp16 580 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
+    --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
+    --project-ways eager-norms,compiled-norms,reentrant-offload,offload-compiled-norms-fused-lora-no-dropout \
+    --unsloth-site /tmp/site-unsloth
 # The vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16: 2 minutes.
 run peers_vision16 200 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
     --micro-batches 16 --score-rows 16 --worker-timeout 100 --project-ways default,vision16
@@ -324,10 +350,11 @@ run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --pre
     --worker-timeout 140
 
 # The tests that need a GPU, skipped in CI (pytest from .whl-test/, experiments/fetch_wheels.sh); on two GPUs the
-# offloading test also splits the model over both
+# offloading and compiled-norms tests also split the model over both
 if [[ " $selected " == *" gpu-tests "* ]]; then
     echo "== gpu-tests ($((SECONDS - started)) s elapsed)"
-    timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_offloaded_checkpointing.py 2>&1 |
+    timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_offloaded_checkpointing.py \
+        tests/test_compiled_norms.py 2>&1 |
         tee "$OUT/gpu-tests.log" | tail -n 8
     [[ ${PIPESTATUS[0]} -eq 0 ]] || failures+=("gpu-tests")
 fi
