@@ -1707,13 +1707,15 @@ def batch_vision_attention(model) -> int:
 @functools.cache
 def compiler_works(device_type: str) -> bool:
     """Whether torch.compile builds kernels on this device (it needs Triton on a GPU, a C compiler on a CPU): a tiny
-    function compiled once. Where it cannot, the reason is printed and the model runs eager."""
+    RMS normalisation compiled once, forward and backward, as the norms will be. Where it cannot, the reason is printed
+    and the model runs eager."""
 
-    def square(x):
-        return x * x
+    def rms_normalised(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
     try:
-        torch.compile(square, dynamic=True)(torch.ones(4, device=device_type))
+        x = torch.ones(4, 8, device=device_type, requires_grad=True)
+        torch.compile(rms_normalised, dynamic=True)(x).sum().backward()
         return True
     except Exception as error:  # torch raises a different class for each missing piece
         print(f"torch.compile does not work here ({type(error).__name__}: {str(error)[:200]}): norms stay eager")
