@@ -211,7 +211,7 @@ def main() -> None:
     name += f" rows={args.train_rows} seed={args.seed} expandable={args.expandable_segments}"
     name += " vision=16bit" if args.quantize_vision == "off" else ""  # named only when off, as before the switch
     name += f" checkpointing={args.checkpointing}"
-    name += " norms=eager" if args.compile_norms == "off" else ""  # named only when off, as before the switch
+    name += " norms=compiled" if args.compile_norms == "on" else ""  # runs named without it ran them eager
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil
