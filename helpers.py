@@ -1736,6 +1736,10 @@ def compile_norms(model, compiled: bool = True) -> int:
     modeling.apply_rotary_pos_emb = torch.compile(eager, dynamic=True) if compiled else eager
     if not compiled:
         return 0
+    # A norm compiles one graph per input rank (hidden states; queries and keys by head), grad mode, whether its input
+    # requires grad, device, and for a batch of one: past dynamo's default of 8 graphs a function, the rest would run
+    # eager, with a warning. (cache_size_limit: the name all torch 2 releases know; newer ones say recompile_limit.)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     norms = [m for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm") and VISION_ENCODER not in n]
     for norm in norms:
         norm.compile(dynamic=True)
