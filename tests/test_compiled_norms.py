@@ -48,8 +48,9 @@ def test_compiled_norms_keep_the_loss_the_gradient_and_the_scores(
         base = peft_model.get_base_model()
         modeling = sys.modules[type(base).__module__]
         norms = helpers.compile_norms(base, compiled)
-        language = {n: c for n, c in compiled_modules(base).items() if helpers.VISION_ENCODER not in n}
-        vision = {n: c for n, c in compiled_modules(base).items() if helpers.VISION_ENCODER in n}
+        modules = compiled_modules(base)
+        language = {n: c for n, c in modules.items() if helpers.VISION_ENCODER not in n}
+        vision = {n: c for n, c in modules.items() if helpers.VISION_ENCODER in n}
         assert norms == (len(language) if compiled else 0) and language
         assert all(language.values()) == compiled and not any(vision.values())
         assert (modeling.apply_rotary_pos_emb is helpers.EAGER_ROTARY[modeling.__name__]) != compiled
