@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
@@ -121,14 +121,14 @@ done
 # offload_activations), one after the other on the one GPU and 4 cores, into results/rehearsal_checkpointing.json:
 # the gate for making reentrant checkpointing the default, as it is since (3 minutes each). rehearse-offload: the
 # default and the offloaded way only, the gate for helpers.OffloadedCheckpointing (offloading on a side stream).
-# rehearse-compiled: the default model with its norms compiled (Config.compile_norms, the default since) and eager,
-# the gate for compiling them (about 3 minutes each); run after gpu-tests, in one call.
+# rehearse-compiled: the default model with its norms compiled (Config.compile_norms=True) and eager, the gate for
+# compiling them (3-4 minutes each; compiled was slower, and Qwen3.5 runs eager by default since).
 if [[ " $selected " == *" rehearse-compiled "* ]]; then
     args=(--model qwen3.5-4b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200)
     python3 experiments/rehearse.py --out /dev/null --prepare-only "${args[@]}" 2>&1 | tail -n 2
     for norms in on off; do
         echo "== rehearse-compiled: norms compiled $norms ($((SECONDS - started)) s elapsed)"
-        MPLBACKEND=Agg timeout -s INT -k 30 200 taskset -c 0-3 python3 experiments/rehearse.py "${args[@]}" \
+        MPLBACKEND=Agg timeout -s INT -k 30 240 taskset -c 0-3 python3 experiments/rehearse.py "${args[@]}" \
             --compile-norms $norms --out "$OUT/rehearsal_compiled.json" 2>&1 |
             tee "$OUT/rehearse-compiled-$norms.log" | grep -v "it/s\]$" | grep "rehearsal \|Error\|out of memory"
         [[ ${PIPESTATUS[0]} -eq 0 ]] || failures+=("rehearse-compiled:$norms")
@@ -334,14 +334,17 @@ run peers_unsloth_helpers_fp16 580 experiments/bench_peers.py --model 8b --preci
     --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
     --project-ways eager-norms,compiled-norms,reentrant-offload,offload-compiled-norms-fused-lora-no-dropout \
     --unsloth-site /tmp/site-unsloth
-# Not run yet: Unsloth beside the project as it is since the norms are compiled (the default, and offloaded: Unsloth's
-# memory), with the norms eager for the ratio, in bf16 (where the goal was not met) and fp16: 8-9 minutes each
+# Unsloth beside the project with Qwen3-VL's norms compiled (its default, and offloaded: Unsloth's memory), with the
+# norms eager for the ratio, in bf16 (where the goal was not met) and fp16: 7-8 minutes each
 run peers_unsloth_compiled_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,unsloth \
     --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
     --project-ways default,eager-norms,reentrant-offload --unsloth-site /tmp/site-unsloth
 run peers_unsloth_compiled_fp16 560 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
     --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
     --project-ways default,eager-norms,reentrant-offload --unsloth-site /tmp/site-unsloth
+# The default model's norms compiled and eager, per step (the rehearsal saw no gain in its second fold): 5 minutes.
+run peers_qwen35_compiled 290 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project \
+    --steps 20 --rows 336 --micro-batches 16 --score-rows 32 --worker-timeout 140 --project-ways default,eager-norms
 # The vision encoder in 16 bits (Config(quantize_vision=False)) beside the default, at micro-batch 16: 2 minutes.
 run peers_vision16 200 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 12 --rows 208 \
     --micro-batches 16 --score-rows 16 --worker-timeout 100 --project-ways default,vision16
