@@ -180,9 +180,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--compile-norms",
-        choices=("on", "off"),
-        default="on",
-        help="Config.compile_norms: on (the default) compiles the language model's RMSNorms and rotary embedding",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Config.compile_norms: on compiles the language model's RMSNorms and rotary embedding, auto (the default) "
+        "where the model's family measured faster",
     )
     parser.add_argument(
         "--prepare-only",
@@ -211,7 +212,10 @@ def main() -> None:
     name += f" rows={args.train_rows} seed={args.seed} expandable={args.expandable_segments}"
     name += " vision=16bit" if args.quantize_vision == "off" else ""  # named only when off, as before the switch
     name += f" checkpointing={args.checkpointing}"
-    name += " norms=compiled" if args.compile_norms == "on" else ""  # runs named without it ran them eager
+    compile_norms = {"auto": None, "on": True, "off": False}[args.compile_norms]
+    family = helpers.model_family(helpers._checkpoint_config(model_id)["model_type"])
+    compiled = helpers.norms_to_compile(helpers.Config(compile_norms=compile_norms), family)
+    name += " norms=compiled" if compiled else ""  # runs named without it ran them eager
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil
@@ -221,7 +225,7 @@ def main() -> None:
     overrides = dict(model_id=model_id, n_folds=args.folds, epochs=args.epochs, parallel_folds=parallel, seed=args.seed)
     overrides["quantize_vision"] = args.quantize_vision == "on"
     overrides.update(CHECKPOINTING[args.checkpointing])
-    overrides["compile_norms"] = args.compile_norms == "on"
+    overrides["compile_norms"] = compile_norms
     if not tiny:
         overrides.update(precision=args.precision, gpu_memory_cap_gib=args.cap_gib)
     entry = {
