@@ -5,6 +5,13 @@ three ways, side by side in one process per model.
     python3 experiments/profile_qwen35_precision.py --out experiments/results/profile_qwen35.json \\
         --models qwen3.5-2b,qwen3.5-4b
     python3 experiments/profile_qwen35_precision.py --out /tmp/p.json --tiny    # the same code path on a CPU (fp32)
+    python3 experiments/profile_qwen35_precision.py --out experiments/results/profile_norms.json \
+        --models qwen3.5-4b,8b --variants bf16,fp16-islands --norms eager,compiled
+
+`--norms eager,compiled` runs each variant with the language model's RMSNorms and rotary embedding eager, then
+compiled (helpers.compile_norms): why compiling them trains Qwen3-VL-8B faster but Qwen3.5-4B slower, and gains less in
+bf16 than in fp16 (experiments/README, "Compiled norms in bf16 and on Qwen3.5"). The CPU ops with the most time are
+recorded beside the GPU's.
 
 Variants, on one random checkpoint at the real sizes loaded in 4 bits through helpers.load_model_and_processor, the
 GPU capped at 14.5 GiB, with a fresh LoRA adapter each:
@@ -31,7 +38,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 BATCH = 16
-VARIANTS = (("bf16", "bf16", False), ("fp16, no islands", "fp16", False), ("fp16, islands", "fp16", True))
+VARIANTS = {  # --variants: label, precision, fp32 islands
+    "bf16": ("bf16", "bf16", False),
+    "fp16": ("fp16, no islands", "fp16", False),
+    "fp16-islands": ("fp16, islands", "fp16", True),
+}
 
 
 def step_fn(model, processor, rows, cfg: helpers.Config):
@@ -59,6 +70,7 @@ def profile_step(step, top: int) -> dict:
     wall = time.perf_counter() - start
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     ops = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    cpu_ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return {
         "profiled_step_s": wall,  # the profiler's own overhead included
         "gpu_busy_s": sum(e.device_time_total for e in kernels) / 1e6,
@@ -67,6 +79,9 @@ def profile_step(step, top: int) -> dict:
             {"name": e.key[:100], "calls": e.count, "gpu_ms": e.self_device_time_total / 1e3}
             for e in ops[:top]
             if e.self_device_time_total > 0
+        ],
+        "top_cpu_ops": [
+            {"name": e.key[:100], "calls": e.count, "cpu_ms": e.self_cpu_time_total / 1e3} for e in cpu_ops[:top]
         ],
     }
 
@@ -89,9 +104,11 @@ def measure(model, processor, rows, cfg: helpers.Config, args) -> dict:
 def profile_model(name: str, args, rows) -> dict:
     workdir = Path(args.workdir)
     path, _ = common.random_checkpoint(name, workdir)
-    results, model, loaded = {}, None, None
-    for label, precision, islands in VARIANTS:
+    results, model, loaded, with_islands, compiled = {}, None, None, False, False
+    runs = [(VARIANTS[v], norms) for v in args.variants.split(",") for norms in args.norms.split(",")]
+    for (label, precision, islands), norms in runs:
         precision = "fp32" if args.tiny else precision
+        label += ", norms compiled" if norms == "compiled" else ""
         cfg = helpers.Config(
             profile="smoke" if args.tiny else "safe",
             model_id=str(path),
@@ -100,26 +117,35 @@ def profile_model(name: str, args, rows) -> dict:
             fp32_islands=False,  # islands are added below, on the loaded fp16 model, so that fp16 loads once
             gpu_memory_cap_gib=None if args.tiny else common.T4_CAP_GIB,
             report_to=None,
+            compile_norms=False,  # compiled below, after the variant's eager run (a compiled norm stays compiled)
         )
-        if loaded != precision:
+        if loaded != precision or (norms == "eager" and compiled):
             del model
             helpers.release_memory()
             model, processor = helpers.load_model_and_processor(cfg)
             helpers.set_pixel_budget(processor, cfg.image_size)
-            loaded = precision
-        if islands:
+            loaded, with_islands, compiled = precision, False, False
+        if islands and not with_islands:
             common.log(f"{helpers.compute_in_fp32(model, ('linear_attn',))} linear_attn modules now compute in fp32")
+            with_islands = True
+        if norms == "compiled" and not compiled:
+            common.log(f"{helpers.compile_norms(model)} RMSNorms and the rotary embedding compiled")
+            compiled = True
         peft_model = helpers.attach_lora(model, cfg)
         results[label] = measure(peft_model, processor, rows, cfg, args)
         model = helpers.detach_lora(peft_model)
-        summary = {k: v for k, v in results[label].items() if k != "top_gpu_ops"}
+        summary = {k: v for k, v in results[label].items() if k not in ("top_gpu_ops", "top_cpu_ops")}
         common.log(f"{name} {label}: {summary}")
         common.print_table(results[label]["top_gpu_ops"][:12])
+    helpers.compile_norms(model, compiled=False)  # the eager rotary embedding back for the next model
     del model
     helpers.release_memory()
-    bf16 = results["bf16"]["samples_per_s"]
     for label in results:
-        results[label]["speed_vs_bf16"] = results[label]["samples_per_s"] / bf16
+        if "bf16" in results:
+            results[label]["speed_vs_bf16"] = results[label]["samples_per_s"] / results["bf16"]["samples_per_s"]
+        eager = results.get(label.removesuffix(", norms compiled"))
+        if label.endswith(", norms compiled") and eager:
+            results[label]["speed_vs_eager_norms"] = results[label]["samples_per_s"] / eager["samples_per_s"]
     return results
 
 
@@ -128,7 +154,9 @@ def main() -> None:
     parser.set_defaults(models="qwen3.5-2b,qwen3.5-4b")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--top", type=int, default=20, help="ops with the most GPU time, per variant")
+    parser.add_argument("--top", type=int, default=20, help="ops with the most GPU (and CPU) time, per variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--norms", default="eager", help="eager, compiled or both (eager,compiled): RMSNorms, rotary")
     args = parser.parse_args()
     names = ["qwen3.5-tiny"] if args.tiny else [m.strip() for m in args.models.split(",")]
     if args.tiny:
@@ -140,7 +168,7 @@ def main() -> None:
         common.write_json(args.out, results)  # after every model: a call cut short keeps what it measured
     common.print_table(
         [
-            {"model": name, "variant": label, **{k: r[k] for k in ("samples_per_s", "speed_vs_bf16", "gpu_busy_s")}}
+            {"model": name, "variant": label, "samples_per_s": r["samples_per_s"], "gpu_busy_s": r["gpu_busy_s"]}
             | {"profiled_step_s": r["profiled_step_s"], "kernels": r["kernels"], "peak_gib": r["peak_gib"]}
             for name, variants in results["models"].items()
             for label, r in variants.items()

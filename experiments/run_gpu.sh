@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
@@ -203,6 +203,10 @@ if [[ " $selected " == *" qwen35_9b_pair "* ]]; then
     grep -h -v "it/s\]$" "$OUT"/qwen35_9b_o*.log | grep -v "falling back" | tail -n 20
 fi
 run profile_qwen35 300 experiments/profile_qwen35_precision.py --models qwen3.5-2b,qwen3.5-4b
+# Why compiled norms train Qwen3.5-4B slower and gain less in bf16 than in fp16 on Qwen3-VL-8B: each step eager, then
+# compiled, profiled (GPU busy time against the step's; the CPU ops with the most time): about 6 minutes. Not run yet.
+run profile_norms 560 experiments/profile_qwen35_precision.py --models qwen3.5-4b,8b --variants bf16,fp16-islands \
+    --norms eager,compiled
 # Qwen3.5-4B without, then with flash-linear-attention's Triton DeltaNet kernels (transformers uses the
 # `fla` package where it imports). .whl-fla/ (carried, git-ignored): fla_core and flash_linear_attention 0.6.0, 1.5 MiB.
 #   bash experiments/run_gpu.sh qwen35_kernels-none qwen35_kernels-fla    # on an H200 fla refuses its backward (fla#640)
