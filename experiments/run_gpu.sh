@@ -6,7 +6,8 @@
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
-#                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled
+#                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled,
+#                                               rehearse-8b-compiled-x2
 #   bash experiments/run_gpu.sh gpu-tests        # the tests skipped in CI for want of a GPU (.whl-test/ carried)
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
 # files come back from the GPU machine) as they run, and the JSON copied to experiments/results/. The benchmarks
@@ -110,6 +111,10 @@ rehearse rehearse-vision16-x2 300 --model qwen3.5-4b --level safe --precision fp
 # fix of 2026-11-29), then in turn, for the ratio (about 4 minutes each)
 rehearse rehearse-x2-default 290 --model qwen3.5-4b --level safe --precision fp16 --parallel auto
 rehearse rehearse-x2-default 270 --model qwen3.5-4b --level safe --precision fp16 --parallel off
+# nvidia-h200-x2, not run yet: Qwen3-VL-8B with two folds side by side, its norms compiled (its default since
+# 2026-11-30: two processes, each with its compile workers' host memory) and eager, for the ratio (7-8 minutes)
+rehearse rehearse-8b-compiled-x2 270 --model 8b --level safe --precision fp16 --parallel on
+rehearse rehearse-8b-compiled-x2 250 --model 8b --level safe --precision fp16 --parallel on --compile-norms off
 # nvidia-h200-x2: the two models that need both GPUs, one call each (a random checkpoint builds in about 60 s before
 # the timeout starts); the 16-bit checkpoint (54 and 70 GB) is removed after, for the RAM disk's sake
 for model in qwen3.5-27b qwen3.6-35b-a3b; do
