@@ -1420,7 +1420,7 @@ class ModelFamily:
     expert_tensors: tuple[str, ...] = ()  # fused 3-D expert parameters, stored in NF4 by the MoE loader
     fp32_modules: tuple[str, ...] = ()  # modules that overflow in fp16: run in fp32 when the model computes in fp16
     compile_norms: bool = False  # Config.compile_norms=None compiles the RMSNorms and rotary embedding: where measured
-    # faster (experiments/README, "Norms and rotary embedding compiled")
+    # faster (experiments/README, "Compiled norms in bf16 and on Qwen3.5")
 
 
 MODEL_FAMILIES = {  # by config.json's model_type
