@@ -1712,8 +1712,8 @@ def batch_vision_attention(model) -> int:
 # products, back to 16 bits) and more in the backward, and the rotary embedding six more over the queries and keys.
 # torch.compile fuses each into one kernel: on Qwen3-VL-8B (micro-batch 16, fp16, one H200) the training step took
 # 0.670 s instead of 0.801 (1.18x the samples/s, 0.2 GiB less), with the same losses (experiments/README, peers); on
-# Qwen3.5-4B, whose DeltaNet layers take most of a step, about 1.07x. Only these are compiled: whole decoder layers
-# traced bitsandbytes' dequantization, held more memory and ran slower.
+# Qwen3.5-4B it trained at 0.94x, so its family leaves them eager (ModelFamily.compile_norms). Only these are compiled:
+# whole decoder layers traced bitsandbytes' dequantization, held more memory and ran slower.
 @functools.cache
 def compiler_works(device_type: str) -> bool:
     """Whether torch.compile builds kernels on this device (it needs Triton on a GPU, a C compiler on a CPU): a tiny
