@@ -11,7 +11,8 @@ three ways, side by side in one process per model.
 `--norms eager,compiled` runs each variant with the language model's RMSNorms and rotary embedding eager, then
 compiled (helpers.compile_norms): why compiling them trains Qwen3-VL-8B faster but Qwen3.5-4B slower, and gains less in
 bf16 than in fp16 (experiments/README, "Compiled norms in bf16 and on Qwen3.5"). The CPU ops with the most time are
-recorded beside the GPU's.
+recorded beside the GPU's. Models already in the --out JSON are kept (a later call adds to it; "calls" says which
+call measured which model).
 
 Variants, on one random checkpoint at the real sizes loaded in 4 bits through helpers.load_model_and_processor, the
 GPU capped at 14.5 GiB, with a fresh LoRA adapter each:
@@ -27,6 +28,7 @@ kernels, and the ops with the most GPU time.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -162,7 +164,11 @@ def main() -> None:
     if args.tiny:
         args.warmup, args.steps = 1, 1
     rows = common.synthetic_rows(BATCH, Path(args.workdir))
-    results = {"environment": common.environment(), "args": vars(args), "models": {}}
+    for name in names:  # built before any model loads: a loaded model caps the GPU at 14.5 GiB, too little to build 8B
+        common.random_checkpoint(name, Path(args.workdir))
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {"calls": [], "models": {}}  # earlier calls kept
+    results["calls"].append({"models": names, "environment": common.environment(), "args": vars(args)})
     for name in names:
         results["models"][name] = profile_model(name, args, rows)
         common.write_json(args.out, results)  # after every model: a call cut short keeps what it measured

@@ -210,7 +210,7 @@ fi
 run profile_qwen35 300 experiments/profile_qwen35_precision.py --models qwen3.5-2b,qwen3.5-4b
 # Why compiled norms train Qwen3.5-4B slower and gain less in bf16 than in fp16 on Qwen3-VL-8B: each step eager, then
 # compiled, profiled (GPU busy time against the step's; the CPU ops with the most time): about 6 minutes. Not run yet.
-run profile_norms 560 experiments/profile_qwen35_precision.py --models qwen3.5-4b,8b --variants bf16,fp16-islands \
+run profile_norms 560 experiments/profile_qwen35_precision.py --models "${PROFILE_NORMS_MODELS:-qwen3.5-4b,8b}" --variants bf16,fp16-islands \
     --norms eager,compiled
 # Qwen3.5-4B without, then with flash-linear-attention's Triton DeltaNet kernels (transformers uses the
 # `fla` package where it imports). .whl-fla/ (carried, git-ignored): fla_core and flash_linear_attention 0.6.0, 1.5 MiB.
