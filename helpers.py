@@ -437,9 +437,9 @@ class Config:
     # at 0.92-1.20x its speed in five calls (experiments/README, peers and rehearsal_checkpointing)
     reentrant_checkpointing: bool = True  # torch's reentrant checkpointing, as Unsloth runs it: the same gradients,
     # 1.06-1.11x the training speed of the non-reentrant variant (False) on Qwen3-VL-8B and Qwen3.5-4B, whole runs too
-    compile_norms: bool | None = None  # on a GPU, fuse each RMSNorm and rotary embedding of the language model into
-    # one kernel (torch.compile, about 20 s once). None: for the families where that measured faster
-    # (ModelFamily.compile_norms: Qwen3-VL-8B 1.06-1.18x, 0.2 GiB less; Qwen3.5-4B 0.94x, left eager); True / False
+    compile_norms: bool = False  # True, on a GPU: fuse each RMSNorm and rotary embedding of the language model into
+    # one kernel (torch.compile): a step 1.06-1.18x shorter on Qwen3-VL-8B, but compiling takes 10-15 s a process, and
+    # the whole notebook with two short folds took longer (Qwen3-VL-8B, 32 steps a fold: 189 s against 163 s eager)
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -1419,13 +1419,11 @@ class ModelFamily:
     vision_attention: str  # the vision tower's attention module class, batched by batch_vision_attention
     expert_tensors: tuple[str, ...] = ()  # fused 3-D expert parameters, stored in NF4 by the MoE loader
     fp32_modules: tuple[str, ...] = ()  # modules that overflow in fp16: run in fp32 when the model computes in fp16
-    compile_norms: bool = False  # Config.compile_norms=None compiles the RMSNorms and rotary embedding: where measured
-    # faster (experiments/README, "Compiled norms in bf16 and on Qwen3.5")
 
 
 MODEL_FAMILIES = {  # by config.json's model_type
     "qwen2_5_vl": ModelFamily("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLVisionAttention"),
-    "qwen3_vl": ModelFamily("Qwen3VLForConditionalGeneration", "Qwen3VLVisionAttention", compile_norms=True),
+    "qwen3_vl": ModelFamily("Qwen3VLForConditionalGeneration", "Qwen3VLVisionAttention"),
     "qwen3_vl_moe": ModelFamily(
         "Qwen3VLMoeForConditionalGeneration",
         "Qwen3VLMoeVisionAttention",
@@ -1435,7 +1433,6 @@ MODEL_FAMILIES = {  # by config.json's model_type
     # layer, self_attn) under Qwen3-VL's vision tower without deepstack; its vision attention is Qwen3-VL's.
     # The Gated DeltaNet (linear_attn) computes its recurrence in fp32 by casting, but under autocast the matmuls inside
     # are cast back to fp16, where its decays and gates overflow (the checkpoints' mamba_ssm_dtype is float32).
-    # Its norms compiled trained Qwen3.5-4B at 0.94x the eager speed on an H200: left eager.
     "qwen3_5": ModelFamily("Qwen3_5ForConditionalGeneration", "Qwen3_5VisionAttention", fp32_modules=("linear_attn",)),
     "qwen3_5_moe": ModelFamily(
         "Qwen3_5MoeForConditionalGeneration",
@@ -1450,13 +1447,6 @@ def model_family(model_type: str) -> ModelFamily:
     if model_type not in MODEL_FAMILIES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(MODEL_FAMILIES)}")
     return MODEL_FAMILIES[model_type]
-
-
-def norms_to_compile(cfg: Config, family: ModelFamily) -> bool:
-    """Config.compile_norms, or where it is None the family's; never on a CPU (the smoke profile, the tests), where
-    compiling would take longer than it saves."""
-    wanted = family.compile_norms if cfg.compile_norms is None else cfg.compile_norms
-    return wanted and torch.cuda.is_available()
 
 
 def compute_dtype(precision: str = "auto") -> torch.dtype:
@@ -1515,7 +1505,8 @@ def load_model_and_processor(cfg: Config):
     enable({"use_reentrant": cfg.reentrant_checkpointing})
     if cfg.offload_activations and torch.cuda.is_available():
         OffloadedCheckpointing(cfg.reentrant_checkpointing).install(model)
-    norms = compile_norms(model, compiled=norms_to_compile(cfg, family))
+    # Never on a CPU (the smoke profile, the tests): compiling would take longer than it saves.
+    norms = compile_norms(model, compiled=cfg.compile_norms and torch.cuda.is_available())
     if norms:
         print(f"{norms} RMSNorms and the rotary embedding compiled (torch.compile)")
     return model, processor
@@ -1712,8 +1703,10 @@ def batch_vision_attention(model) -> int:
 # products, back to 16 bits) and more in the backward, and the rotary embedding six more over the queries and keys.
 # torch.compile fuses each into one kernel: on Qwen3-VL-8B (micro-batch 16, fp16, one H200) the training step took
 # 0.670 s instead of 0.801 (1.18x the samples/s, 0.2 GiB less), with the same losses (experiments/README, peers); on
-# Qwen3.5-4B it trained at 0.94x, so its family leaves them eager (ModelFamily.compile_norms). Only these are compiled:
-# whole decoder layers traced bitsandbytes' dequantization, held more memory and ran slower.
+# Qwen3.5-4B, fed by fit's DataLoader on 4 cores, 0.94x. Compiling costs 10-15 s a process, and with two folds of 19-32
+# steps the whole notebook took longer compiled, on both models: so Config.compile_norms is off by default, an option
+# for long folds (experiments/README, "Compiled norms over the whole notebook"). Only these are compiled: whole decoder
+# layers traced bitsandbytes' dequantization, held more memory and ran slower.
 @functools.cache
 def compiler_works(device_type: str) -> bool:
     """Whether torch.compile builds kernels on this device (it needs Triton on a GPU, a C compiler on a CPU): a tiny

@@ -160,9 +160,15 @@ PROJECT_WAYS = {
     ),
     # peers_unsloth_helpers_fp16 measured the two ways below with bench_peers' prototype of helpers.compile_norms (the
     # same code), beside eager norms, the Config's default then (its "project" and other ways). Compiled was the default
-    # from then until peers_qwen35_compiled, where it trained Qwen3.5-4B slower; the default is the family's since.
+    # from then until peers_qwen35_compiled (Qwen3.5-4B slower), Qwen3-VL's until rehearse-8b-compiled-x2 (the whole
+    # notebook slower); off by default since.
     "compiled-norms": ("project, RMSNorms and rotary embedding compiled", {"compile_norms": True}, ()),
     "eager-norms": ("project, RMSNorms and rotary embedding eager", {"compile_norms": False}, ()),
+    "offload-compiled-norms": (  # Unsloth's memory (its checkpointing ways) with the norms compiled
+        "project, reentrant checkpointing offloaded, RMSNorms and rotary embedding compiled",
+        {"reentrant_checkpointing": True, "offload_activations": True, "compile_norms": True},
+        (),
+    ),
     "offload-compiled-norms-fused-lora-no-dropout": (  # Unsloth's step but for compiling the matmuls with the rest
         "project, reentrant checkpointing offloaded, RMSNorms and rotary compiled, LoRA dropout 0, LoRA fused",
         {"reentrant_checkpointing": True, "offload_activations": True, "lora_dropout": 0.0, "compile_norms": True},
@@ -268,7 +274,7 @@ def run_project(args, df, result: dict, save) -> None:
     result["settings"]["trainable_params"] = common.trainable_params(model)
     extras = PROJECT_WAYS[args.project_way][2]
     result["settings"]["checkpointing"] = {"reentrant": cfg.reentrant_checkpointing, "offload": cfg.offload_activations}
-    result["settings"]["compile_norms"] = helpers.norms_to_compile(cfg, helpers.model_family(model.config.model_type))
+    result["settings"]["compile_norms"] = cfg.compile_norms and torch.cuda.is_available()
     if "compile" in extras:
         result["settings"]["compiled_layers"] = compile_decoder_layers(model)
     if "fused-lora" in extras:

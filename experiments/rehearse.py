@@ -180,10 +180,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--compile-norms",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="Config.compile_norms: on compiles the language model's RMSNorms and rotary embedding, auto (the default) "
-        "where the model's family measured faster",
+        choices=("on", "off"),
+        default="off",
+        help="Config.compile_norms: on compiles the language model's RMSNorms and rotary embedding (off: the default)",
     )
     parser.add_argument(
         "--prepare-only",
@@ -212,10 +211,9 @@ def main() -> None:
     name += f" rows={args.train_rows} seed={args.seed} expandable={args.expandable_segments}"
     name += " vision=16bit" if args.quantize_vision == "off" else ""  # named only when off, as before the switch
     name += f" checkpointing={args.checkpointing}"
-    compile_norms = {"auto": None, "on": True, "off": False}[args.compile_norms]
-    family = helpers.model_family(helpers._checkpoint_config(model_id)["model_type"])
-    compiled = helpers.norms_to_compile(helpers.Config(compile_norms=compile_norms), family)
-    name += " norms=compiled" if compiled else ""  # runs named without it ran them eager
+    name += f" folds={args.folds}" if args.folds != 2 else ""  # named only when not 2, as before --folds was varied
+    compile_norms = args.compile_norms == "on" and torch.cuda.is_available()
+    name += " norms=compiled" if compile_norms else ""  # runs named without it ran them eager
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil

@@ -7,7 +7,7 @@
 #                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
 #                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled,
-#                                               rehearse-8b-compiled-x2
+#                                               rehearse-8b-compiled-x2 rehearse-8b-compiled-long-x2
 #   bash experiments/run_gpu.sh gpu-tests        # the tests skipped in CI for want of a GPU (.whl-test/ carried)
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
 # files come back from the GPU machine) as they run, and the JSON copied to experiments/results/. The benchmarks
@@ -111,10 +111,16 @@ rehearse rehearse-vision16-x2 300 --model qwen3.5-4b --level safe --precision fp
 # fix of 2026-11-29), then in turn, for the ratio (about 4 minutes each)
 rehearse rehearse-x2-default 290 --model qwen3.5-4b --level safe --precision fp16 --parallel auto
 rehearse rehearse-x2-default 270 --model qwen3.5-4b --level safe --precision fp16 --parallel off
-# nvidia-h200-x2, not run yet: Qwen3-VL-8B with two folds side by side, its norms compiled (its default since
-# 2026-11-30: two processes, each with its compile workers' host memory) and eager, for the ratio (7-8 minutes)
-rehearse rehearse-8b-compiled-x2 270 --model 8b --level safe --precision fp16 --parallel on
+# nvidia-h200-x2: Qwen3-VL-8B with two folds side by side, its norms compiled (two processes, each with its compile
+# workers' host memory) and eager, for the ratio (8 minutes; compiled was slower, and is off by default since)
+rehearse rehearse-8b-compiled-x2 270 --model 8b --level safe --precision fp16 --parallel on --compile-norms on
 rehearse rehearse-8b-compiled-x2 250 --model 8b --level safe --precision fp16 --parallel on --compile-norms off
+# Not run yet: the same with longer folds, where compiling could repay its 10-15 s a process (0.13 s a step shorter):
+# 4 folds of 68 steps, two a GPU: 136 steps a process (about 9.5 minutes: what one device call allows)
+rehearse rehearse-8b-compiled-long-x2 245 --model 8b --level safe --precision fp16 --parallel on --compile-norms on \
+    --folds 4 --train-rows 1440 --test-rows 100
+rehearse rehearse-8b-compiled-long-x2 245 --model 8b --level safe --precision fp16 --parallel on --compile-norms off \
+    --folds 4 --train-rows 1440 --test-rows 100
 # nvidia-h200-x2: the two models that need both GPUs, one call each (a random checkpoint builds in about 60 s before
 # the timeout starts); the 16-bit checkpoint (54 and 70 GB) is removed after, for the RAM disk's sake
 for model in qwen3.5-27b qwen3.6-35b-a3b; do
@@ -338,19 +344,20 @@ run peers_unsloth_helpers_bf16 560 experiments/bench_peers.py --model 8b --preci
     --project-ways default,reentrant-offload,offload-fused-lora-no-dropout --unsloth-site /tmp/site-unsloth
 # In fp16 with the norms and rotary embedding compiled too (then a prototype, now helpers.compile_norms): made as
 # default,compiled-norms,... when the default ran them eager, as eager-norms does now (its reentrant-offload ran them
-# eager too; now it compiles them).
+# eager too, as it does again since compiling is off by default).
 run peers_unsloth_helpers_fp16 580 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
     --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
     --project-ways eager-norms,compiled-norms,reentrant-offload,offload-compiled-norms-fused-lora-no-dropout \
     --unsloth-site /tmp/site-unsloth
-# Unsloth beside the project with Qwen3-VL's norms compiled (its default, and offloaded: Unsloth's memory), with the
-# norms eager for the ratio, in bf16 (where the goal was not met) and fp16: 7-8 minutes each
+# Unsloth beside the project with Qwen3-VL's norms compiled (and offloaded: Unsloth's memory), with the norms eager
+# for the ratio, in bf16 (where the goal was not met) and fp16: 7-8 minutes each. The committed results ran the
+# compiled ways as default and reentrant-offload (Qwen3-VL compiled its norms by default then).
 run peers_unsloth_compiled_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,unsloth \
     --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
-    --project-ways default,eager-norms,reentrant-offload --unsloth-site /tmp/site-unsloth
+    --project-ways default,compiled-norms,offload-compiled-norms --unsloth-site /tmp/site-unsloth
 run peers_unsloth_compiled_fp16 560 experiments/bench_peers.py --model 8b --precisions fp16 --tools project,unsloth \
     --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
-    --project-ways default,eager-norms,reentrant-offload --unsloth-site /tmp/site-unsloth
+    --project-ways default,compiled-norms,offload-compiled-norms --unsloth-site /tmp/site-unsloth
 # The default model's norms compiled and eager, per step (the rehearsal saw no gain in its second fold): 5 minutes.
 # The committed results ran the compiled way as "default" (named "project"; compiled was every family's default then).
 run peers_qwen35_compiled 290 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project \
