@@ -206,9 +206,65 @@ def build_random_checkpoint(name: str, workdir: Path) -> tuple[Path, dict]:
     return out, info
 
 
+# Qwen2.5-VL, from the public config.json of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct: head_dim 128 (hidden /
+# heads), rope_theta 1e6, mrope [16, 24, 24]; one vision tower for both, 32 blocks of 1280 with 112-px windows but in
+# blocks 7, 15, 23 and 31 (full attention), 14-px patches, SiLU.
+QWEN25_TEXT = {
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}  # fmt: skip
+QWEN25_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    patch_size=14,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
+
+
+def qwen25_checkpoint(size: str, workdir: Path) -> Path:
+    """A Qwen2.5-VL folder with random weights at `size`'s real sizes ("3b", "7b") and the tiny Qwen2.5-VL processor
+    (its ids all fit the real vocabulary); reused if already there."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    out = workdir / f"qwen2.5-vl-{size}-random"
+    if (out / "done").exists():
+        return out
+    template_dir = make_tiny_model.build_tiny_model(workdir / "tiny-qwen2.5-template", "qwen2_5_vl")
+    d = AutoConfig.from_pretrained(template_dir).to_dict()
+    text = QWEN25_TEXT[size]
+    d["text_config"].update(text, rms_norm_eps=1e-6, max_position_embeddings=128000)
+    d["text_config"]["rope_parameters"].update(rope_theta=1e6, mrope_section=[16, 24, 24])
+    d["text_config"]["layer_types"] = ["full_attention"] * text["num_hidden_layers"]
+    d["vision_config"].update(QWEN25_VISION, out_hidden_size=text["hidden_size"])
+    d["tie_word_embeddings"] = text["tie_word_embeddings"]
+    config = type(AutoConfig.from_pretrained(template_dir)).from_dict(d)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=helpers.compute_dtype())
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(template_dir).save_pretrained(out)
+    del model
+    helpers.release_memory()
+    (out / "done").touch()  # written last: a half-written folder is rebuilt
+    log(f"qwen2.5-vl-{size}: {params / 1e9:.2f}B parameters, built in {time.perf_counter() - start:.0f} s")
+    return out
+
+
 def random_checkpoint(name: str, workdir: Path) -> tuple[Path, dict]:
-    """build_random_checkpoint for Qwen3-VL ("2b", "8b", "tiny"), or Qwen3.5 at bench_qwen35_fp16's sizes for
-    "qwen3.5-<size>" ("qwen3.5-4b", "qwen3.5-tiny"): the checkpoint's folder and what is known of it."""
+    """build_random_checkpoint for Qwen3-VL ("2b", "8b", "tiny"), Qwen3.5 at bench_qwen35_fp16's sizes for
+    "qwen3.5-<size>" ("qwen3.5-4b", "qwen3.5-tiny"), or Qwen2.5-VL for "qwen2.5-3b" and "qwen2.5-7b": the checkpoint's
+    folder and what is known of it."""
+    if name.startswith("qwen2.5-"):
+        size = name.removeprefix("qwen2.5-")
+        return qwen25_checkpoint(size, workdir), {"family": "qwen2_5_vl", "size": size, **QWEN25_TEXT[size]}
     if name.startswith("qwen3.5-"):
         import bench_qwen35_fp16  # it imports this module
 

@@ -61,8 +61,8 @@ def competition_folder(workdir: Path, train_rows: int, test_rows: int) -> Path:
 
 
 def random_checkpoint(model: str, workdir: Path) -> Path:
-    """A random checkpoint at the real sizes: Qwen3-VL-2B/8B or Qwen3.5/3.6 (common.random_checkpoint; Qwen3.6 has
-    Qwen3.5's architecture), or the 48-layer Qwen3-VL-30B-A3B."""
+    """A random checkpoint at the real sizes: Qwen3-VL-2B/8B, Qwen2.5-VL-3B/7B or Qwen3.5/3.6 (common.random_checkpoint;
+    Qwen3.6 has Qwen3.5's architecture), or the 48-layer Qwen3-VL-30B-A3B."""
     if model != "30b":
         return common.random_checkpoint(model.replace("qwen3.6-", "qwen3.5-"), workdir)[0]
     import bench_moe
@@ -149,7 +149,8 @@ def adapters_finite(output_dir: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="results JSON (one entry per run is added or replaced)")
-    models = ("tiny", "2b", "8b", "30b", "qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b", "qwen3.5-27b", "qwen3.6-35b-a3b")
+    models = ("tiny", "2b", "8b", "30b", "qwen2.5-3b", "qwen2.5-7b")
+    models += ("qwen3.5-2b", "qwen3.5-4b", "qwen3.5-9b", "qwen3.5-27b", "qwen3.6-35b-a3b")
     parser.add_argument("--model", choices=models, default="8b")
     parser.add_argument("--level", choices=tuple(helpers.MEMORY_LEVELS), default="safe")
     parser.add_argument("--precision", choices=("bf16", "fp16"), default="fp16", help="fp16: what a T4 runs")

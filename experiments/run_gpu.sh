@@ -4,7 +4,7 @@
 #   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
-#                                               rehearse-qwen35-9b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
+#                                               rehearse-qwen35-9b, rehearse-qwen25-7b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
 #                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled,
 #                                               rehearse-8b-compiled-x2 rehearse-8b-compiled-long-x2
@@ -100,6 +100,8 @@ rehearse rehearse-high 480 --model 8b --level high --precision fp16 --parallel o
 rehearse rehearse-1gpu 330 --model 8b --level safe --precision fp16 --parallel off
 # Qwen3.5-4B on one GPU in fp16, the T4 precision (600/200 rows: what the last device minutes of 2026-11-29 allowed)
 rehearse rehearse-qwen35 240 --model qwen3.5-4b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200
+# Qwen2.5-VL-7B the same way: the first real-size run of the Qwen2.5-VL family (3B: --model qwen2.5-3b)
+rehearse rehearse-qwen25-7b 270 --model qwen2.5-7b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200
 # Qwen3.5-9B the same way (the model that would replace the default if it ran the whole notebook)
 rehearse rehearse-qwen35-9b 330 --model qwen3.5-9b --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200
 # Not run yet: the default model with its vision encoder in 16 bits (Config(quantize_vision=False), as Unsloth keeps
