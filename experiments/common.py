@@ -1,4 +1,4 @@
-"""What both benchmarks share: a random Qwen3-VL checkpoint at the real sizes, the synthetic rows, GPU bookkeeping.
+"""What the benchmarks share: random Qwen-VL checkpoints at the real sizes, the synthetic rows, GPU bookkeeping.
 
 Real weights cannot be downloaded on the benchmark machine, and speed and memory depend only on the shapes, so the
 benchmarks build random weights with the architecture of Qwen3-VL-2B/8B-Instruct and load them through
@@ -226,23 +226,31 @@ QWEN25_VISION = dict(
 )
 
 
-def qwen25_checkpoint(size: str, workdir: Path) -> Path:
-    """A Qwen2.5-VL folder with random weights at `size`'s real sizes ("3b", "7b") and the tiny Qwen2.5-VL processor
-    (its ids all fit the real vocabulary); reused if already there."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+def qwen25_config(size: str, template_dir: Path):
+    """The tiny Qwen2.5-VL config (same special token ids as its processor) with the real model's sizes."""
+    from transformers import AutoConfig
 
-    out = workdir / f"qwen2.5-vl-{size}-random"
-    if (out / "done").exists():
-        return out
-    template_dir = make_tiny_model.build_tiny_model(workdir / "tiny-qwen2.5-template", "qwen2_5_vl")
-    d = AutoConfig.from_pretrained(template_dir).to_dict()
+    template = AutoConfig.from_pretrained(template_dir)
+    d = template.to_dict()
     text = QWEN25_TEXT[size]
     d["text_config"].update(text, rms_norm_eps=1e-6, max_position_embeddings=128000)
     d["text_config"]["rope_parameters"].update(rope_theta=1e6, mrope_section=[16, 24, 24])
     d["text_config"]["layer_types"] = ["full_attention"] * text["num_hidden_layers"]
     d["vision_config"].update(QWEN25_VISION, out_hidden_size=text["hidden_size"])
     d["tie_word_embeddings"] = text["tie_word_embeddings"]
-    config = type(AutoConfig.from_pretrained(template_dir)).from_dict(d)
+    return type(template).from_dict(d)
+
+
+def qwen25_checkpoint(size: str, workdir: Path) -> Path:
+    """A Qwen2.5-VL folder with random weights at `size`'s real sizes ("3b", "7b") and the tiny Qwen2.5-VL processor
+    (its ids all fit the real vocabulary); reused if already there."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = workdir / f"qwen2.5-vl-{size}-random"
+    if (out / "done").exists():
+        return out
+    template_dir = make_tiny_model.build_tiny_model(workdir / "tiny-qwen2.5-template", "qwen2_5_vl")
+    config = qwen25_config(size, template_dir)
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     torch.manual_seed(0)

@@ -9,14 +9,14 @@ import make_tiny_model
 import pytest
 import torch
 from conftest import ROOT
-from transformers import BitsAndBytesConfig
+from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
 import helpers
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import bench_moe  # noqa: E402 (the real Qwen3-VL-30B-A3B sizes)
 import bench_qwen35_fp16  # noqa: E402 (the real Qwen3.5 and Qwen3.6 sizes)
-import common  # noqa: E402 (the real Qwen3-VL-2B/8B sizes)
+import common  # noqa: E402 (the real Qwen3-VL-2B/8B and Qwen2.5-VL-3B/7B sizes)
 
 T4_X2 = {0: 15.0, 1: 15.0}  # GiB, as Kaggle's two T4s
 
@@ -56,6 +56,18 @@ def test_a_model_that_fits_one_gpu_goes_on_one(tmp_path, tiny_model_dirs):
     config.save_pretrained(tmp_path)
     assert helpers.plan_device_map(str(tmp_path), nf4(), torch.float16, T4_X2) == {"": 0}
     assert helpers.plan_device_map(str(tmp_path), nf4(), torch.float16, {1: 15.0}) == {"": 1}  # a fold's process
+
+
+@pytest.mark.parametrize("size, billions", [("3b", 3.75), ("7b", 8.29)])
+def test_qwen25_vl_at_its_published_size_goes_on_one_t4(size, billions, tmp_path, tiny_model_dirs):
+    """The real-size Qwen2.5-VL the rehearsal builds (common.qwen25_config) has the published parameter count, and the
+    plan puts its 4-bit weights on one T4."""
+    config = common.qwen25_config(size, tiny_model_dirs["qwen2_5_vl"])
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+    config.save_pretrained(tmp_path)
+    assert helpers.plan_device_map(str(tmp_path), nf4(), torch.float16, T4_X2) == {"": 0}
 
 
 @pytest.fixture(scope="module", params=["27b", "35b-a3b"])
