@@ -127,26 +127,11 @@ def real_size_config(name: str, template_dir: Path):
 
 
 def random_checkpoint(name: str, workdir: Path) -> Path:
-    """A Qwen3.5 folder with random weights at `name`'s sizes and the tiny Qwen3.5 processor (its ids all fit)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    """A Qwen3.5 folder with random weights at `name`'s sizes and the tiny Qwen3.5 processor; reused if there."""
     out = workdir / f"qwen3.5-{name}-random"
-    if (out / "done").exists():
-        return out
-    template_dir = template(name, workdir)
-    config = real_size_config(name, template_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForImageTextToText.from_config(config, dtype=helpers.compute_dtype())
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(out)
-    AutoProcessor.from_pretrained(template_dir).save_pretrained(out)
-    del model
-    helpers.release_memory()
-    (out / "done").touch()
-    common.log(f"{name}: {params / 1e9:.2f}B parameters, built in {time.perf_counter() - start:.0f} s")
+    if not (out / "done").exists():
+        template_dir = template(name, workdir)
+        common.write_random_checkpoint(real_size_config(name, template_dir), template_dir, out)
     return out
 
 

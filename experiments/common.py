@@ -241,16 +241,11 @@ def qwen25_config(size: str, template_dir: Path):
     return type(template).from_dict(d)
 
 
-def qwen25_checkpoint(size: str, workdir: Path) -> Path:
-    """A Qwen2.5-VL folder with random weights at `size`'s real sizes ("3b", "7b") and the tiny Qwen2.5-VL processor
-    (its ids all fit the real vocabulary); reused if already there."""
+def write_random_checkpoint(config, template_dir: Path, out: Path) -> None:
+    """Random weights for `config` (built on the GPU where there is one, in its compute dtype) saved in `out` with the
+    tiny template's processor, whose ids all fit the real vocabulary."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    out = workdir / f"qwen2.5-vl-{size}-random"
-    if (out / "done").exists():
-        return out
-    template_dir = make_tiny_model.build_tiny_model(workdir / "tiny-qwen2.5-template", "qwen2_5_vl")
-    config = qwen25_config(size, template_dir)
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -262,7 +257,15 @@ def qwen25_checkpoint(size: str, workdir: Path) -> Path:
     del model
     helpers.release_memory()
     (out / "done").touch()  # written last: a half-written folder is rebuilt
-    log(f"qwen2.5-vl-{size}: {params / 1e9:.2f}B parameters, built in {time.perf_counter() - start:.0f} s")
+    log(f"{out.name}: {params / 1e9:.2f}B parameters, built in {time.perf_counter() - start:.0f} s")
+
+
+def qwen25_checkpoint(size: str, workdir: Path) -> Path:
+    """A Qwen2.5-VL folder with random weights at `size`'s real sizes ("3b", "7b"); reused if already there."""
+    out = workdir / f"qwen2.5-vl-{size}-random"
+    if not (out / "done").exists():
+        template_dir = make_tiny_model.build_tiny_model(workdir / "tiny-qwen2.5-template", "qwen2_5_vl")
+        write_random_checkpoint(qwen25_config(size, template_dir), template_dir, out)
     return out
 
 
