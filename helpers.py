@@ -439,7 +439,7 @@ class Config:
     # 1.06-1.11x the training speed of the non-reentrant variant (False) on Qwen3-VL-8B and Qwen3.5-4B, whole runs too
     compile_norms: bool = False  # True, on a GPU: fuse each RMSNorm and rotary embedding of the language model into
     # one kernel (torch.compile): a step 1.06-1.18x shorter on Qwen3-VL-8B, but compiling takes 10-15 s a process, and
-    # the whole notebook with two short folds took longer (Qwen3-VL-8B, 32 steps a fold: 189 s against 163 s eager)
+    # the whole notebook took longer unless a GPU trains ~300 steps (Qwen3-VL-8B, 120 steps a GPU: 240 s against 226)
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -1703,10 +1703,11 @@ def batch_vision_attention(model) -> int:
 # products, back to 16 bits) and more in the backward, and the rotary embedding six more over the queries and keys.
 # torch.compile fuses each into one kernel: on Qwen3-VL-8B (micro-batch 16, fp16, one H200) the training step took
 # 0.670 s instead of 0.801 (1.18x the samples/s, 0.2 GiB less), with the same losses (experiments/README, peers); on
-# Qwen3.5-4B, fed by fit's DataLoader on 4 cores, 0.94x. Compiling costs 10-15 s a process, and with two folds of 19-32
-# steps the whole notebook took longer compiled, on both models: so Config.compile_norms is off by default, an option
-# for long folds (experiments/README, "Compiled norms over the whole notebook"). Only these are compiled: whole decoder
-# layers traced bitsandbytes' dequantization, held more memory and ran slower.
+# Qwen3.5-4B, fed by fit's DataLoader on 4 cores, 0.94x. Compiling costs 10-15 s a process and more for the scoring's
+# graphs: with up to 120 steps a process the whole notebook took longer compiled (it repays near 300 on an H200, not
+# measured on a T4), so Config.compile_norms is off by default, an option for long folds (experiments/README,
+# "Compiled norms over the whole notebook"). Only these are compiled: whole decoder layers traced bitsandbytes'
+# dequantization, held more memory and ran slower.
 @functools.cache
 def compiler_works(device_type: str) -> bool:
     """Whether torch.compile builds kernels on this device (it needs Triton on a GPU, a C compiler on a CPU): a tiny

@@ -241,7 +241,8 @@ def main() -> None:
     anon_peak.start()
     try:
         entry["sections"] = run_notebook(overrides)
-    except Exception as error:  # recorded, then raised: a failed rehearsal is a result too
+    except BaseException as error:  # recorded, then raised: a failed rehearsal is a result too, and so is one
+        # stopped by its timeout (SIGINT: KeyboardInterrupt), whose total_s is then the limit, not the run's length
         entry["error"] = f"{type(error).__name__}: {error}"
         raise
     finally:
