@@ -44,6 +44,10 @@ the compute stream; the results made before name that way `reentrant-offload`, a
 (fuse_lora_products, a prototype), `fused-lora-no-dropout` with LoRA dropout 0 as well. `--loader` feeds every way
 as `loader` does.
 
+`--profile` runs one more optimizer step after the timed ones under torch.profiler, for every tool (the peers' in
+their trainer, from after it collated the step's rows): the GPU's busy time, the kernels and the ops with the most GPU
+and CPU time (common.profile_summary), to tell a step that waits on the CPU from one whose kernels take longer.
+
 Training samples/s counts whole optimizer steps after one warm-up step (data preparation included, CUDA
 synchronised); peak memory is torch.cuda.max_memory_allocated over the timed steps, weights included. Ratios are
 project / peer within this one run.
@@ -61,6 +65,7 @@ import importlib.metadata as md
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -164,6 +169,11 @@ PROJECT_WAYS = {
     # notebook slower); off by default since.
     "compiled-norms": ("project, RMSNorms and rotary embedding compiled", {"compile_norms": True}, ()),
     "eager-norms": ("project, RMSNorms and rotary embedding eager", {"compile_norms": False}, ()),
+    "compiled-norms-no-dropout": (  # Unsloth's LoRA settings with the norms compiled: the profiled comparison
+        "project, RMSNorms and rotary embedding compiled, LoRA dropout 0",
+        {"compile_norms": True, "lora_dropout": 0.0},
+        (),
+    ),
     "offload-compiled-norms": (  # Unsloth's memory (its checkpointing ways) with the norms compiled
         "project, reentrant checkpointing offloaded, RMSNorms and rotary embedding compiled",
         {"reentrant_checkpointing": True, "offload_activations": True, "compile_norms": True},
@@ -284,14 +294,14 @@ def run_project(args, df, result: dict, save) -> None:
         result["settings"]["checkpointing"]["offload"] = "torch's save_on_cpu (transformers' offload=True)"
     elif cfg.offload_activations:
         result["settings"]["checkpointing"]["offload"] = "side stream (helpers.OffloadedCheckpointing)"
-    train_df = df.head(EFFECTIVE_BATCH * (1 + args.steps))  # the rows the peers train on
+    train_df = df.head(EFFECTIVE_BATCH * (1 + args.steps + args.profile))  # the rows the peers train on
     batches = helpers.length_grouped_batches(helpers.prompt_lengths(train_df), EFFECTIVE_BATCH, seed=0)
     info = {"decoder_params": None}  # for MFU, which needs the GPU's peak TFLOP/s: left out here (tflops None)
     common.log(f"project {args.precision}: training, largest micro-batch that fits, {args.steps} timed step(s)")
     workers = cfg.num_workers if "loader" in extras or args.loader else 0
     result["settings"]["dataloader_workers"] = workers
     result["train"] = bench_train.project_way_auto(
-        model, processor, cfg, train_df, batches, args.steps, info, None, workers
+        model, processor, cfg, train_df, batches, args.steps, info, None, workers, args.profile
     )
     save()
     for micro_batch in args.micro_batches:  # the peers' micro-batches: the same speed question at equal memory
@@ -310,22 +320,32 @@ def run_project(args, df, result: dict, save) -> None:
 # -- What TRL and Unsloth share: SFTTrainer timing and generate() ----------------------------------------------------
 
 
-def step_timer(warmup_steps: int):
+def step_timer(warmup_steps: int, profiled_step: int | None = None):
     """A TrainerCallback (defined here, not at the top: the Unsloth worker must import unsloth before transformers)
     that notes when each optimizer step ends (CUDA synchronised) and resets the peak memory
     after the warm-up steps. Step k's time is from step k-1's end to its own: data, forward, backward, optimizer
-    and the trainer's logging, as the project's step time covers its collation and optimizer step."""
+    and the trainer's logging, as the project's step time covers its collation and optimizer step. Optimizer step
+    `profiled_step` (0-based), the last, runs under torch.profiler: from on_step_begin, after the trainer has
+    collated its micro-batches, to its end."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.ends = []
+            self.ends, self.profiler, self.profile = [], None, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == profiled_step:
+                self.profiler, self.started = common.start_profiler(), time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             common.sync()
             self.ends.append(time.perf_counter())
             if len(self.ends) == warmup_steps:
                 common.reset_peak()
+            if self.profiler:
+                self.profiler.stop()
+                self.profile = common.profile_summary(self.profiler, self.ends[-1] - self.started)
+                self.profiler = None
 
     return StepTimer()
 
@@ -338,7 +358,7 @@ def peer_sft_config(args, micro_batch: int, **overrides):
         output_dir=str(Path(args.workdir) / f"peers-out/{args.worker}"),
         per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=EFFECTIVE_BATCH // micro_batch,
-        max_steps=1 + args.steps,  # one warm-up step, then the timed ones
+        max_steps=1 + args.steps + args.profile,  # one warm-up step, the timed ones, the profiled one
         warmup_steps=5,
         learning_rate=2e-4,
         # bitsandbytes' 8-bit AdamW needs CUDA; the CPU check runs torch's AdamW instead
@@ -355,7 +375,8 @@ def peer_sft_config(args, micro_batch: int, **overrides):
 
 def train_with_trainer(trainer, timer, micro_batch: int) -> dict:
     trainer.train()
-    timed = [b - a for a, b in zip(timer.ends[:-1], timer.ends[1:], strict=True)]  # after the warm-up step
+    ends = timer.ends[: len(timer.ends) - bool(timer.profile)]  # the profiled step is not timed
+    timed = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]  # after the warm-up step
     seconds = sum(timed)
     return {
         "micro_batch": micro_batch,
@@ -368,6 +389,7 @@ def train_with_trainer(trainer, timer, micro_batch: int) -> dict:
         "peak_gib": common.peak_gib(),
         "peak_reserved_gib": bench_train.peak_reserved_gib(),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        **({"profile": timer.profile} if timer.profile else {}),
     }
 
 
@@ -468,11 +490,11 @@ def run_trl(args, df, result: dict, save) -> None:
         "loss": "completion only (prompt-completion dataset)",
         "vision_attention": "transformers' own (one SDPA call per image)",
     }
-    timer = step_timer(warmup_steps=1)
+    timer = step_timer(warmup_steps=1, profiled_step=1 + args.steps if args.profile else None)
     trainer = SFTTrainer(
         model=model,
         args=peer_sft_config(args, micro_batch, max_length=None),
-        train_dataset=trl_dataset(df.head(EFFECTIVE_BATCH * (1 + args.steps)), budget),
+        train_dataset=trl_dataset(df.head(EFFECTIVE_BATCH * (1 + args.steps + args.profile)), budget),
         processing_class=processor,
         peft_config=lora,
         callbacks=[timer],
@@ -535,7 +557,7 @@ def run_unsloth(args, df, result: dict, save) -> None:
         "gradient_checkpointing": "unsloth",
     }
     FastVisionModel.for_training(model)
-    rows = df.head(EFFECTIVE_BATCH * (1 + args.steps)).to_dict("records")
+    rows = df.head(EFFECTIVE_BATCH * (1 + args.steps + args.profile)).to_dict("records")
     dataset = [{"messages": messages_with_image(row, budget, answer=row["answer"])} for row in rows]
     collator = UnslothVisionDataCollator(
         model,
@@ -544,7 +566,7 @@ def run_unsloth(args, df, result: dict, save) -> None:
         instruction_part="<|im_start|>user\n",
         response_part="<|im_start|>assistant\n",
     )
-    timer = step_timer(warmup_steps=1)
+    timer = step_timer(warmup_steps=1, profiled_step=1 + args.steps if args.profile else None)
     config = peer_sft_config(
         args,
         micro_batch,
@@ -601,6 +623,7 @@ def worker_command(args, tool: str, precision: str, micro_batch: int, way: str, 
     shared += ["--generate-rows", args.generate_rows, "--micro-batches", ",".join(map(str, args.micro_batches))]
     own = ["--worker", tool, "--precision", precision, "--micro-batch", micro_batch, "--out", out]
     own += ["--project-way", way, "--checkpoint", checkpoint] + (["--loader"] if args.loader else [])
+    own += ["--profile"] if args.profile else []
     return [sys.executable, __file__, *map(str, shared + own)]
 
 
@@ -676,6 +699,9 @@ def table(results: dict) -> list[dict]:
                 row.update({"train samples/s": train["samples_per_s"], "train peak GiB": train["peak_gib"]})
                 if key == "train" and "score" in run:
                     row.update({"score rows/s": run["score"]["rows_per_s"], "score peak GiB": run["score"]["peak_gib"]})
+                if "profile" in train:  # the median timed step against the profiled step's kernel time
+                    row["median step s"] = statistics.median(train["step_s"])
+                    row["GPU busy s"] = train["profile"]["gpu_busy_s"]
                 row["status"] = run.get("status")
                 rows.append(row)
     return rows
@@ -766,6 +792,9 @@ def main() -> None:
     parser.add_argument(
         "--loader", action="store_true", help="every project way fed by DataLoader workers, as helpers.fit feeds it"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="one more step after the timed ones, under torch.profiler (not timed)"
+    )
     # Set by the parent for a worker process
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
@@ -785,9 +814,9 @@ def main() -> None:
     problems += [
         f"micro-batch {m} does not divide {EFFECTIVE_BATCH}" for m in args.micro_batches if EFFECTIVE_BATCH % m
     ]
-    needed = EFFECTIVE_BATCH * (1 + args.steps)
+    needed = EFFECTIVE_BATCH * (1 + args.steps + args.profile)
     if args.rows < max(needed, args.score_rows, args.generate_rows):
-        problems.append(f"--rows must cover the warm-up and timed steps ({needed}) and the scored rows")
+        problems.append(f"--rows must cover the warm-up, timed and profiled steps ({needed}) and the scored rows")
     if problems:
         raise SystemExit("bench_peers.py: " + "; ".join(problems))
     if args.worker:

@@ -71,8 +71,9 @@ def peak_reserved_gib() -> float | None:
     return sum(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count())) / 2**30
 
 
-def measure(step, warmup: list, timed: list, decoder_params: int, tflops: float | None) -> dict:
-    """Run `step` on each warm-up batch untimed, then time each `timed` batch (CUDA synchronised) and summarise.
+def measure(step, warmup: list, timed: list, decoder_params: int, tflops: float | None, profiled=None) -> dict:
+    """Run `step` on each warm-up batch untimed, then time each `timed` batch (CUDA synchronised) and summarise; then
+    one step on the `profiled` batch, if given, under torch.profiler (not timed: the profiler slows it).
 
     `step(batch)` does one full optimizer step and returns {"samples", "tokens", "data_s"} (the project's: and "loss").
     """
@@ -90,6 +91,7 @@ def measure(step, warmup: list, timed: list, decoder_params: int, tflops: float 
     seconds = sum(r["step_s"] for r in records)
     samples, tokens = sum(r["samples"] for r in records), sum(r["tokens"] for r in records)
     tokens_per_s = tokens / seconds
+    profile = common.profiled_call(lambda: step(profiled)) if profiled is not None else None
     return {
         "steps": len(records),
         "samples": samples,
@@ -103,6 +105,7 @@ def measure(step, warmup: list, timed: list, decoder_params: int, tflops: float 
         "peak_gib": common.peak_gib(),
         "peak_reserved_gib": peak_reserved_gib(),
         "mfu": 6 * decoder_params * tokens_per_s / (tflops * 1e12) if tflops else None,
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -186,17 +189,29 @@ def project_step(model, next_batch, indices: list[int], micro_batch: int, opt: O
 
 
 def project_way(
-    model, processor, cfg, df, batches, steps: int, micro_batch: int, info: dict, tflops, workers: int = 0
+    model,
+    processor,
+    cfg,
+    df,
+    batches,
+    steps: int,
+    micro_batch: int,
+    info: dict,
+    tflops,
+    workers: int = 0,
+    profile: bool = False,
 ) -> dict:
     """Timed steps of the project's way. Batches are collated in the main process (workers=0: conservative, the
-    CPU time is in every step), or by `workers` DataLoader processes overlapping the GPU as in helpers.fit."""
+    CPU time is in every step), or by `workers` DataLoader processes overlapping the GPU as in helpers.fit. With
+    `profile`, one more step after them (the next batch) runs under torch.profiler."""
     dataset = helpers.VQADataset(df, helpers.pixel_budget(processor), train=True)
     collator = helpers.VQACollator(processor, train=True)
     opt = Optimizer(model, cfg)
     model.train()
     collate = collate_here(dataset, collator)
     # The loader yields the warm-up and timed batches in the order measure() asks for them.
-    loader = iter(helpers.make_loader(dataset, collator, batches[: 1 + steps], workers)) if workers else None
+    used = 1 + steps + profile  # the warm-up batch, the timed ones, the profiled one
+    loader = iter(helpers.make_loader(dataset, collator, batches[:used], workers)) if workers else None
 
     def next_batch(indices):
         return next(loader) if loader else collate(indices)
@@ -205,20 +220,23 @@ def project_way(
         return project_step(model, next_batch, indices, micro_batch, opt)
 
     try:
-        result = measure(step, batches[:1], batches[1 : 1 + steps], info["decoder_params"], tflops)
+        profiled = batches[1 + steps] if profile else None
+        result = measure(step, batches[:1], batches[1 : 1 + steps], info["decoder_params"], tflops, profiled)
     except BaseException:
         opt.discard()
         raise
     return {"micro_batch": micro_batch, "grad_accum": -(-EFFECTIVE_BATCH // micro_batch), **result}
 
 
-def project_way_auto(model, processor, cfg, df, batches, steps: int, info: dict, tflops, workers: int = 0) -> dict:
+def project_way_auto(
+    model, processor, cfg, df, batches, steps: int, info: dict, tflops, workers: int = 0, profile: bool = False
+) -> dict:
     """The largest micro-batch that runs the warm-up and timed steps without out-of-memory (effective batch 16): from
     16 down, halving on out-of-memory as helpers.fit does."""
 
     def attempt(micro_batch: int) -> dict:
         common.log(f"  micro-batch {micro_batch}")
-        return project_way(model, processor, cfg, df, batches, steps, micro_batch, info, tflops, workers)
+        return project_way(model, processor, cfg, df, batches, steps, micro_batch, info, tflops, workers, profile)
 
     result, micro_batch = helpers.halve_on_out_of_memory(attempt, MICRO_BATCHES[0], cfg, "in training", "micro-batch")
     tried = {m: "out of memory" for m in MICRO_BATCHES if m > micro_batch}

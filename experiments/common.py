@@ -361,6 +361,51 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def start_profiler():
+    """torch.profiler on the CPU and, where there is one, the GPU: started now, `profile_summary` once stopped."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    prof = profile(activities=activities)
+    prof.start()
+    return prof
+
+
+def profile_summary(prof, wall_s: float, top: int = 15) -> dict:
+    """What one profiled step spent: the GPU's busy time (the sum of its kernels: a step whose GPU is busy for much
+    less than its wall time waits on the CPU, which launches the kernels), the kernels, and the ops with the most GPU
+    and CPU time."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    cpu_ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "profiled_step_s": wall_s,  # the profiler's own overhead included
+        "gpu_busy_s": sum(e.device_time_total for e in kernels) / 1e6,
+        "kernels": len(kernels),
+        "top_gpu_ops": [
+            {"name": e.key[:100], "calls": e.count, "gpu_ms": e.self_device_time_total / 1e3}
+            for e in ops[:top]
+            if e.self_device_time_total > 0
+        ],
+        "top_cpu_ops": [
+            {"name": e.key[:100], "calls": e.count, "cpu_ms": e.self_cpu_time_total / 1e3} for e in cpu_ops[:top]
+        ],
+    }
+
+
+def profiled_call(fn, top: int = 15) -> dict:
+    """profile_summary of one call of `fn` (one training step), CUDA synchronised."""
+    prof = start_profiler()
+    start = time.perf_counter()
+    fn()
+    sync()
+    prof.stop()
+    return profile_summary(prof, time.perf_counter() - start, top)
+
+
 def reset_peak() -> None:
     helpers.release_memory()
     if torch.cuda.is_available():

@@ -34,10 +34,7 @@ from pathlib import Path
 
 import bench_train
 import common
-import torch
 from common import helpers
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 BATCH = 16
 VARIANTS = {  # --variants: label, precision, fp32 islands
@@ -62,32 +59,6 @@ def step_fn(model, processor, rows, cfg: helpers.Config):
     return step, int(batch["attention_mask"].sum())
 
 
-def profile_step(step, top: int) -> dict:
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    common.sync()
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
-        step()
-        common.sync()
-    wall = time.perf_counter() - start
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
-    cpu_ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return {
-        "profiled_step_s": wall,  # the profiler's own overhead included
-        "gpu_busy_s": sum(e.device_time_total for e in kernels) / 1e6,
-        "kernels": len(kernels),
-        "top_gpu_ops": [
-            {"name": e.key[:100], "calls": e.count, "gpu_ms": e.self_device_time_total / 1e3}
-            for e in ops[:top]
-            if e.self_device_time_total > 0
-        ],
-        "top_cpu_ops": [
-            {"name": e.key[:100], "calls": e.count, "cpu_ms": e.self_cpu_time_total / 1e3} for e in cpu_ops[:top]
-        ],
-    }
-
-
 def measure(model, processor, rows, cfg: helpers.Config, args) -> dict:
     step, tokens = step_fn(model, processor, rows, cfg)
     for _ in range(args.warmup):
@@ -100,7 +71,7 @@ def measure(model, processor, rows, cfg: helpers.Config, args) -> dict:
     common.sync()
     seconds = (time.perf_counter() - start) / args.steps
     timed = {"step_s": seconds, "samples_per_s": BATCH / seconds, "tokens_per_step": tokens}
-    return timed | {"peak_gib": common.peak_gib()} | profile_step(step, args.top)
+    return timed | {"peak_gib": common.peak_gib()} | common.profiled_call(step, args.top)
 
 
 def profile_model(name: str, args, rows) -> dict:
