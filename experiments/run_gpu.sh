@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_profile_bf16, peers_profile_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_unsloth_profile_bf16, peers_unsloth_profile_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-qwen25-7b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
 #                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled,
 #                                               rehearse-8b-compiled-x2 rehearse-8b-compiled-long-x2
+#                                               rehearse-8b-compiled-300 (two GPUs, one run each)
 #   bash experiments/run_gpu.sh gpu-tests        # the tests skipped in CI for want of a GPU (.whl-test/ carried)
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
 # files come back from the GPU machine) as they run, and the JSON copied to experiments/results/. The benchmarks
@@ -88,6 +89,40 @@ rehearse() {
     [[ $rc -eq 0 ]] && echo "== $name: done in $((SECONDS - started)) s elapsed" || failures+=("$name:$rc")
 }
 
+# rehearse_pair NAME SECONDS ARGS...: the same rehearsal twice at once on nvidia-h200-x2, the language model's norms
+# compiled on GPU 0 and cores 0-3, eager on GPU 1 and cores 4-7 (each run a one-GPU, four-core Kaggle session): side by
+# side in one call where a pair in turn would not fit its 600 s. Each writes its own JSON, merged into rehearsal.json.
+rehearse_pair() {
+    local name=$1 limit=$2
+    shift 2
+    [[ " $selected " == *" $name "* ]] || return 0
+    echo "== $name: rehearse.py $* --compile-norms on|off, side by side (timeout ${limit} s, $((SECONDS - started)) s elapsed)"
+    python3 experiments/rehearse.py --out /dev/null --prepare-only "$@" 2>&1 | tail -n 2
+    [[ ! -f $OUT/rehearsal.json ]] && cp experiments/results/rehearsal.json "$OUT/"
+    local gpu norms pids=()
+    for gpu in 0 1; do
+        norms=$([[ $gpu == 0 ]] && echo on || echo off)
+        CUDA_VISIBLE_DEVICES=$gpu MPLBACKEND=Agg timeout -s INT -k 30 "$limit" taskset -c $((4 * gpu))-$((4 * gpu + 3)) \
+            python3 experiments/rehearse.py --out "$OUT/$name-$norms.json" "$@" --compile-norms $norms \
+            >"$OUT/$name-$norms.log" 2>&1 &
+        pids+=($!)
+    done
+    local rc=0 pid
+    for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+    grep -h "rehearsal .*total_s\|Error" "$OUT/$name"-o*.log | cut -c 1-300
+    python3 - "$OUT/rehearsal.json" "$OUT/$name-on.json" "$OUT/$name-off.json" <<'PY'
+import json, sys
+from pathlib import Path
+merged = json.loads(Path(sys.argv[1]).read_text())
+for part in sys.argv[2:]:
+    if Path(part).exists():
+        merged.update(json.loads(Path(part).read_text()))
+Path(sys.argv[1]).write_text(json.dumps(merged, indent=2))
+PY
+    cp "$OUT/rehearsal.json" experiments/results/ 2>/dev/null
+    [[ $rc -eq 0 ]] && echo "== $name: done in $((SECONDS - started)) s elapsed" || failures+=("$name:$rc")
+}
+
 rehearse rehearse-8b 330 --model 8b --level safe --precision fp16 --parallel off
 rehearse rehearse-8b 300 --model 8b --level safe --precision fp16 --parallel on
 # The run that stepped on a NaN gradient at step 24 before optimizer_step (1024 rows, seed 0, as it was then)
@@ -124,6 +159,10 @@ rehearse rehearse-8b-compiled-long-x2 270 --model 8b --level safe --precision fp
     --folds 4 --train-rows 1280 --test-rows 100
 rehearse rehearse-8b-compiled-long-x2 270 --model 8b --level safe --precision fp16 --parallel on --compile-norms off \
     --folds 4 --train-rows 1280 --test-rows 100
+# Not run yet: where compiling should repay, 300 steps a process (4 folds of 75 steps in turn on one GPU, 1600 rows),
+# compiled and eager side by side on the two GPUs of one nvidia-h200-x2 (about 5 minutes after the checkpoint builds)
+rehearse_pair rehearse-8b-compiled-300 420 --model 8b --level safe --precision fp16 --parallel off --folds 4 \
+    --train-rows 1600 --test-rows 100
 # nvidia-h200-x2: the two models that need both GPUs, one call each (a random checkpoint builds in about 60 s before
 # the timeout starts); the 16-bit checkpoint (54 and 70 GB) is removed after, for the RAM disk's sake
 for model in qwen3.5-27b qwen3.6-35b-a3b; do
@@ -363,8 +402,10 @@ run peers_unsloth_compiled_fp16 560 experiments/bench_peers.py --model 8b --prec
     --project-ways default,compiled-norms,offload-compiled-norms --unsloth-site /tmp/site-unsloth
 # Where Unsloth's step is shorter: one step after 14 timed ones profiled (--profile), Unsloth's and the project's, eager
 # and with the norms compiled at Unsloth's LoRA dropout 0: bf16 (where the gap is), then fp16; about 4 minutes each.
+# ("unsloth" in the name installs it, above: the first call, named peers_profile_*, ran without Unsloth; its results
+# are results/peers_profile_bf16.json and peers_profile_fp16.json.)
 for precision in bf16 fp16; do
-    run "peers_profile_$precision" 250 experiments/bench_peers.py --model 8b --precisions $precision \
+    run "peers_unsloth_profile_$precision" 250 experiments/bench_peers.py --model 8b --precisions $precision \
         --tools project,unsloth --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --generate-rows 2 \
         --worker-timeout 150 --loader --profile --project-ways default,compiled-norms-no-dropout \
         --unsloth-site /tmp/site-unsloth
