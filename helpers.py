@@ -2379,6 +2379,7 @@ class TrainState:
     # (record_nonfinite; at most 20)
     train_seconds: float = 0.0
     data_wait_seconds: float = 0.0  # of train_seconds, waiting for the DataLoader: input-bound if large
+    val_seconds: float = 0.0  # scoring the validation rows after each epoch (not in train_seconds)
 
 
 def record_nonfinite(state: TrainState, model, batch: dict, ids: pd.Series, loss: float, grad_norm: float) -> None:
@@ -2652,7 +2653,9 @@ def too_many_nonfinite_steps(run: FoldRun, state: TrainState) -> NonFiniteLossEr
 def validate(run: FoldRun, state: TrainState, val_df: pd.DataFrame) -> None:
     """Score the validation rows at the end of an epoch; keep the adapter in fold_dir/best_adapter if it is the best
     so far (by accuracy, then loss)."""
+    started = now()
     log_probs = letter_log_probs(run.model, run.processor, val_df, run.cfg)
+    state.val_seconds += now() - started
     metrics = validation_metrics(log_probs, val_df["answer"])
     metrics.update(epoch=state.epoch + 1, step=state.global_step, skipped_steps=state.skipped_steps)
     state.history.append(metrics)
@@ -2693,6 +2696,7 @@ def fold_summary(state: TrainState, fold: int) -> dict:
         "stopped_for_time": state.stopped_for_time,
         "train_seconds": state.train_seconds,
         "data_wait_seconds": state.data_wait_seconds,
+        "val_seconds": state.val_seconds,
         "peak_gpu_gib": [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(torch.cuda.device_count())],
         # what the allocator held at most: above the peak by what fragmentation cost
         "peak_reserved_gib": [torch.cuda.max_memory_reserved(i) / 2**30 for i in range(torch.cuda.device_count())],

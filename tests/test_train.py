@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import numpy as np
@@ -37,7 +38,11 @@ def small(tmp_path, tiny_model_dirs, sample_data):
 
 def test_fit_trains_validates_and_keeps_the_best_adapter(small):
     cfg, folds, model, processor = small
+    started = time.time()
     result = helpers.fit(helpers.attach_lora(model, cfg), processor, folds, 0, cfg)
+    # Where the fold's time went: training steps and validation passes, apart, within the fold's own time
+    assert result["train_seconds"] > 0 and result["val_seconds"] > 0
+    assert result["train_seconds"] + result["val_seconds"] <= time.time() - started
     fold_dir = cfg.fold_dir(0)
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     assert result["history"][-1]["step"] == 4  # 12 rows / 8 per step = 2 steps per epoch, partial one included
@@ -349,7 +354,7 @@ def test_folds_trained_side_by_side_equal_folds_trained_in_turn(small, sample_da
     torch.set_num_threads(threads)
     side_cfg = helpers.Config(**{**vars(cfg), "output_dir": str(tmp_path / "side_by_side")})
     side_by_side = helpers.train_folds_on_gpus(folds, test, side_cfg, processes=2)
-    timings = ["train_seconds", "data_wait_seconds"]
+    timings = ["train_seconds", "data_wait_seconds", "val_seconds"]
     pd.testing.assert_frame_equal(side_by_side.drop(columns=timings), in_turn.drop(columns=timings))
 
     monkeypatch.setattr(helpers, "score_orders", None)  # predict_folds must find every score already saved
