@@ -27,6 +27,7 @@ import gc
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -1668,8 +1669,9 @@ def batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_e
     q, k = rotary(q, k, cos, sin)
     out = None  # [tokens, heads, head_dim], in the dtype SDPA returns (autocast may lower it)
     starts_by_length = defaultdict(list)
-    for start, length in zip(cu_seqlens[:-1].tolist(), cu_seqlens.diff().tolist(), strict=True):
-        starts_by_length[length].append(start)
+    bounds = cu_seqlens.tolist()  # one read from the GPU, which waits for every kernel queued before it
+    for start, end in itertools.pairwise(bounds):
+        starts_by_length[end - start].append(start)
     for length, starts in starts_by_length.items():
         rows = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).flatten()
         shape = (len(starts), length)  # -> [sequences, heads, length, head_dim] for SDPA
