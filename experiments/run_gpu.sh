@@ -89,38 +89,29 @@ rehearse() {
     [[ $rc -eq 0 ]] && echo "== $name: done in $((SECONDS - started)) s elapsed" || failures+=("$name:$rc")
 }
 
-# rehearse_pair NAME SECONDS ARGS...: the same rehearsal twice at once on nvidia-h200-x2, the language model's norms
-# compiled on GPU 0 and cores 0-3, eager on GPU 1 and cores 4-7 (each run a one-GPU, four-core Kaggle session): side by
-# side in one call where a pair in turn would not fit its 600 s. Each writes its own JSON, merged into rehearsal.json.
-rehearse_pair() {
-    local name=$1 limit=$2
-    shift 2
+# rehearse_both NAME SECONDS GPUS OPTION JSON ARGS...: one rehearsal twice at once, with OPTION on (cores 0-3) and off
+# (cores 4-7), each a four-core Kaggle session: both on one GPU (GPUS=1: their seconds are then no measurement, they
+# share it) or on a GPU each (GPUS=2, nvidia-h200-x2: side by side in one call where a pair in turn would not fit its
+# 600 s). Each writes JSON_on.json or JSON_off.json and NAME-on.log or NAME-off.log under $OUT.
+rehearse_both() {
+    local name=$1 limit=$2 gpus=$3 option=$4 json=$5
+    shift 5
     [[ " $selected " == *" $name "* ]] || return 0
-    echo "== $name: rehearse.py $* --compile-norms on|off, side by side (timeout ${limit} s, $((SECONDS - started)) s elapsed)"
+    echo "== $name: rehearse.py $* $option on|off, side by side (timeout ${limit} s, $((SECONDS - started)) s elapsed)"
     python3 experiments/rehearse.py --out /dev/null --prepare-only "$@" 2>&1 | tail -n 2
-    [[ ! -f $OUT/rehearsal.json ]] && cp experiments/results/rehearsal.json "$OUT/"
-    local gpu norms pids=()
-    for gpu in 0 1; do
-        norms=$([[ $gpu == 0 ]] && echo on || echo off)
-        CUDA_VISIBLE_DEVICES=$gpu MPLBACKEND=Agg timeout -s INT -k 30 "$limit" taskset -c $((4 * gpu))-$((4 * gpu + 3)) \
-            python3 experiments/rehearse.py --out "$OUT/$name-$norms.json" "$@" --compile-norms $norms \
-            >"$OUT/$name-$norms.log" 2>&1 &
+    local i value pids=()
+    for i in 0 1; do
+        value=$([[ $i == 0 ]] && echo on || echo off)
+        CUDA_VISIBLE_DEVICES=$((i % gpus)) MPLBACKEND=Agg timeout -s INT -k 30 "$limit" \
+            taskset -c $((4 * i))-$((4 * i + 3)) python3 experiments/rehearse.py "$@" "$option" $value \
+            --out "$OUT/${json}_$value.json" >"$OUT/$name-$value.log" 2>&1 &
         pids+=($!)
     done
-    local rc=0 pid
-    for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
-    grep -h "rehearsal .*total_s\|Error" "$OUT/$name"-o*.log | cut -c 1-300
-    python3 - "$OUT/rehearsal.json" "$OUT/$name-on.json" "$OUT/$name-off.json" <<'PY'
-import json, sys
-from pathlib import Path
-merged = json.loads(Path(sys.argv[1]).read_text())
-for part in sys.argv[2:]:
-    if Path(part).exists():
-        merged.update(json.loads(Path(part).read_text()))
-Path(sys.argv[1]).write_text(json.dumps(merged, indent=2))
-PY
-    cp "$OUT/rehearsal.json" experiments/results/ 2>/dev/null
-    [[ $rc -eq 0 ]] && echo "== $name: done in $((SECONDS - started)) s elapsed" || failures+=("$name:$rc")
+    for i in 0 1; do
+        wait "${pids[$i]}" || failures+=("$name:$i:$?")
+    done
+    cp "$OUT/${json}"_o*.json experiments/results/ 2>/dev/null  # written under $OUT, as run() does
+    grep -h "rehearsal .*total_s\|out of memory\|Error" "$OUT/$name"-o*.log | cut -c 1-400
 }
 
 rehearse rehearse-8b 330 --model 8b --level safe --precision fp16 --parallel off
@@ -160,9 +151,10 @@ rehearse rehearse-8b-compiled-long-x2 270 --model 8b --level safe --precision fp
 rehearse rehearse-8b-compiled-long-x2 270 --model 8b --level safe --precision fp16 --parallel on --compile-norms off \
     --folds 4 --train-rows 1280 --test-rows 100
 # Not run yet: where compiling should repay, 300 steps a process (4 folds of 75 steps in turn on one GPU, 1600 rows),
-# compiled and eager side by side on the two GPUs of one nvidia-h200-x2 (about 5 minutes after the checkpoint builds)
-rehearse_pair rehearse-8b-compiled-300 420 --model 8b --level safe --precision fp16 --parallel off --folds 4 \
-    --train-rows 1600 --test-rows 100
+# compiled and eager side by side on the two GPUs of one nvidia-h200-x2 (about 5 minutes after the checkpoint builds),
+# into results/rehearsal_compiled_300_on.json and _off.json
+rehearse_both rehearse-8b-compiled-300 420 2 --compile-norms rehearsal_compiled_300 --model 8b --level safe \
+    --precision fp16 --parallel off --folds 4 --train-rows 1600 --test-rows 100
 # nvidia-h200-x2: the two models that need both GPUs, one call each (a random checkpoint builds in about 60 s before
 # the timeout starts); the 16-bit checkpoint (54 and 70 GB) is removed after, for the RAM disk's sake
 for model in qwen3.5-27b qwen3.6-35b-a3b; do
@@ -210,23 +202,8 @@ fi
 # still runs out of memory at micro-batch 16 (it did with them off), and what the default 4B holds. Their peaks and
 # micro-batches are the measurement; their seconds are not (they share the GPU).
 for size in 9b 4b; do
-    [[ " $selected " == *" rehearse-$size-alloc "* ]] || continue
-    echo "== rehearse-$size-alloc: rehearse.py qwen3.5-$size, expandable segments on and off side by side"
-    args=(--model "qwen3.5-$size" --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200)
-    python3 experiments/rehearse.py --out /dev/null --prepare-only "${args[@]}" 2>&1 | tail -n 2
-    pids=()
-    for alloc in on off; do
-        cores=$([[ $alloc == on ]] && echo 0-3 || echo 4-7)
-        MPLBACKEND=Agg timeout -s INT -k 30 540 taskset -c "$cores" python3 experiments/rehearse.py "${args[@]}" \
-            --expandable-segments $alloc --out "$OUT/rehearsal_alloc_${size}_$alloc.json" \
-            >"$OUT/rehearse-$size-alloc-$alloc.log" 2>&1 &
-        pids+=($!)
-    done
-    for i in 0 1; do
-        wait "${pids[$i]}" || failures+=("rehearse-$size-alloc:$i:$?")
-    done
-    cp "$OUT"/rehearsal_alloc_"$size"_o*.json experiments/results/ 2>/dev/null  # written under $OUT, as run() does
-    grep -h "rehearsal .*total_s\|out of memory\|Error" "$OUT"/rehearse-$size-alloc-*.log | cut -c 1-400
+    rehearse_both "rehearse-$size-alloc" 540 1 --expandable-segments "rehearsal_alloc_$size" --model "qwen3.5-$size" \
+        --level safe --precision fp16 --parallel off --train-rows 600 --test-rows 200
 done
 
 run infer 240 experiments/bench_infer.py --rows 512 --original-rows 64 --batch-sizes 16,32 --repeats 2
