@@ -331,7 +331,7 @@ def step_timer(warmup_steps: int, profiled_step: int | None = None):
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.ends, self.profiler, self.profile = [], None, None
+            self.ends, self.profiler, self.started, self.profile = [], None, None, None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == profiled_step:
