@@ -439,8 +439,8 @@ class Config:
     reentrant_checkpointing: bool = True  # torch's reentrant checkpointing, as Unsloth runs it: the same gradients,
     # 1.06-1.11x the training speed of the non-reentrant variant (False) on Qwen3-VL-8B and Qwen3.5-4B, whole runs too
     compile_norms: bool = False  # True, on a GPU: fuse each RMSNorm and rotary embedding of the language model into
-    # one kernel (torch.compile): a step 1.06-1.18x shorter on Qwen3-VL-8B, but compiling takes 10-15 s a process, and
-    # the whole notebook took longer unless a GPU trains ~300 steps (Qwen3-VL-8B, 120 steps a GPU: 240 s against 226)
+    # one kernel (torch.compile): a step 1.06-1.18x shorter on Qwen3-VL-8B, but compiling takes 10-15 s a process: the
+    # whole notebook took longer at 120 steps a GPU (240 s against 226) and broke even at 300 (395 s against 399)
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -1267,8 +1267,9 @@ class VQADataset(torch.utils.data.Dataset):
 class VQACollator:
     """Runs the processor once per batch (in DataLoader workers) and, for training, builds answer-only labels.
 
-    Batches are left-padded for training and inference alike, so the answer sits at the end of every row: the
-    model then only has to compute logits for the last few positions (`logits_to_keep`), not the whole sequence.
+    Training batches are padded on the right: causal attention then keeps every real token from seeing a pad, and
+    the model can run without a padding mask (answer_loss_sum). Inference batches are padded on the left, so that
+    the next token of every row is predicted at the last position (`logits_to_keep=1`).
     """
 
     def __init__(self, processor, train: bool):
@@ -1287,7 +1288,11 @@ class VQACollator:
             for it in items
         ]
         batch = self.processor(
-            text=texts, images=[it["image"] for it in items], padding=True, padding_side="left", return_tensors="pt"
+            text=texts,
+            images=[it["image"] for it in items],
+            padding=True,
+            padding_side="right" if self.train else "left",
+            return_tensors="pt",
         )
         batch = dict(batch)
         batch["index"] = torch.tensor([it["index"] for it in items])
@@ -1328,7 +1333,8 @@ def answer_labels(input_ids: torch.Tensor, header_ids: list[int], im_end_id: int
 
 
 def split_batch(batch: dict, size: int) -> list[dict]:
-    """Micro-batches of `size` rows, each with the left padding it does not need trimmed away.
+    """Micro-batches of `size` rows, each with the padding it does not need (columns none of its rows uses) trimmed
+    away, on whichever side the batch is padded.
 
     Qwen-VL packs all images' patches into one `pixel_values` tensor; image_grid_thw says how many each image has.
     """
@@ -1339,13 +1345,14 @@ def split_batch(batch: dict, size: int) -> list[dict]:
     chunks = []
     for lo in range(0, n, size):
         hi = min(lo + size, n)
-        first = int(batch["attention_mask"][lo:hi].any(0).float().argmax())  # first column any row uses
+        used = batch["attention_mask"][lo:hi].any(0).nonzero()  # the columns any row of the chunk uses
+        first, last = int(used[0]), int(used[-1])
         chunk = {}
         for key, value in batch.items():
             if key == "pixel_values":
                 chunk[key] = value[offsets[lo] : offsets[hi]]
             elif value.dim() >= 2 and value.shape[:2] == (n, seq_len):
-                chunk[key] = value[lo:hi, first:]
+                chunk[key] = value[lo:hi, first : last + 1]
             else:
                 chunk[key] = value[lo:hi]
         chunks.append(chunk)
@@ -2112,19 +2119,32 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "index")}
 
 
-def answer_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Summed cross-entropy over the labelled answer tokens.
+def padding_mask_needed(device: torch.device) -> bool:
+    """Whether a right-padded training batch must give the model its padding mask. Without one, transformers calls
+    SDPA causal and with grouped-query attention, which its flash kernel runs 2-3x faster than the masked
+    memory-efficient kernel at Qwen3-VL-8B's shapes (experiments/bench_attention.py). A GPU without flash attention
+    (before sm80: a T4) keeps the mask: there only SDPA's slow math kernel takes grouped-query attention."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
 
-    Logits are computed for the last positions only, from one before the first labelled token: with a vocabulary
-    of 150k, full-sequence logits would cost more memory than the rest of the step.
+
+def answer_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed cross-entropy over the labelled answer tokens of a right-padded batch (VQACollator).
+
+    Logits are computed only at the positions that predict a label: with a vocabulary of 150k, full-sequence logits
+    would cost more memory than the rest of the step. So the language model's hidden states are taken from the
+    model's inner `model` and only those positions go through `lm_head`. The padding mask goes to the model only where
+    padding_mask_needed says so: causal attention already hides the pads that follow a row from its real tokens.
     """
     labels = batch["labels"]
-    seq_len = labels.shape[1]
-    first = int((labels != -100).float().argmax(1).min())
-    keep = seq_len - first + 1
-    logits = model(**model_inputs(batch, input_device(model)), logits_to_keep=keep).logits
-    targets = labels[:, seq_len - keep + 1 :].to(logits.device)
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # position t predicts token t + 1
+    inputs = model_inputs(batch, input_device(model))
+    if not padding_mask_needed(input_device(model)):
+        del inputs["attention_mask"]
+    vlm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under the PEFT wrapper
+    hidden = vlm.model(**inputs).last_hidden_state
+    logits = vlm.lm_head(hidden[rows.to(hidden.device), positions.to(hidden.device)])
+    targets = labels[rows, positions + 1].to(logits.device)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 class NonFiniteLossError(RuntimeError):

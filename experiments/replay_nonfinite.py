@@ -11,7 +11,9 @@ it, with a fresh adapter, and asks:
   - which backward operation first produces it (torch.autograd.detect_anomaly);
   - what the fix costs: forward and backward of a recorded batch timed with each backend.
 helpers.load_model_and_processor now turns cuDNN's attention off, so "as_loaded" is the project's way, and each
-"sdpa_*" entry takes one backend only (cuDNN included) for its pass.
+"sdpa_*" entry takes one backend only (cuDNN included) for its pass. results/replay.json was made when training batches
+were left-padded and masked; they are right-padded now, and unmasked on GPUs with flash attention
+(helpers.padding_mask_needed), which a replay today runs.
 
     bash experiments/run_gpu.sh replay    # on the GPU machine: results/replay.json
 """

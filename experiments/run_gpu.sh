@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_unsloth_profile_bf16, peers_unsloth_profile_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_unsloth_profile_bf16, peers_unsloth_profile_fp16, bench_attention, bench_attention_odd, peers_unsloth_unmasked_bf16, peers_unsloth_unmasked_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-qwen25-7b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
@@ -378,13 +378,26 @@ run peers_unsloth_compiled_fp16 560 experiments/bench_peers.py --model 8b --prec
     --steps 40 --rows 656 --micro-batches 16 --score-rows 32 --generate-rows 8 --worker-timeout 240 --loader \
     --project-ways default,compiled-norms,offload-compiled-norms --unsloth-site /tmp/site-unsloth
 # Where Unsloth's step is shorter: one step after 14 timed ones profiled (--profile), Unsloth's and the project's, eager
-# and with the norms compiled at Unsloth's LoRA dropout 0: bf16 (where the gap is), then fp16; about 4 minutes each.
+# and with the norms compiled at Unsloth's LoRA dropout 0: bf16 (where the gap is), then fp16; about 6 minutes each
+# (Unsloth's first step compiles for about 55 s: 150 s for its process was too short).
 # ("unsloth" in the name installs it, above: the first call, named peers_profile_*, ran without Unsloth; its results
 # are results/peers_profile_bf16.json and peers_profile_fp16.json.)
 for precision in bf16 fp16; do
-    run "peers_unsloth_profile_$precision" 250 experiments/bench_peers.py --model 8b --precisions $precision \
+    run "peers_unsloth_profile_$precision" 440 experiments/bench_peers.py --model 8b --precisions $precision \
         --tools project,unsloth --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --generate-rows 2 \
-        --worker-timeout 150 --loader --profile --project-ways default,compiled-norms-no-dropout \
+        --worker-timeout 220 --loader --profile --project-ways default,compiled-norms-no-dropout \
+        --unsloth-site /tmp/site-unsloth
+done
+# What that profile found, the attention, alone (bench_attention.py): the masked call of left-padded batches against
+# the unmasked one of right-padded batches, Qwen3-VL-8B's shapes; a few seconds each, no wheels needed.
+run bench_attention 120 experiments/bench_attention.py
+run bench_attention_odd 120 experiments/bench_attention.py --mean-length 300 --spread 7 --precisions bf16
+# The training step with its batches right-padded and unmasked (helpers.padding_mask_needed, the default since) beside
+# the masked call it replaced and Unsloth, profiled: bf16, then fp16; about 6 minutes each.
+for precision in bf16 fp16; do
+    run "peers_unsloth_unmasked_$precision" 440 experiments/bench_peers.py --model 8b --precisions $precision \
+        --tools project,unsloth --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --generate-rows 2 \
+        --worker-timeout 220 --loader --profile --project-ways default,masked-attention \
         --unsloth-site /tmp/site-unsloth
 done
 # The default model's norms compiled and eager, per step (the rehearsal saw no gain in its second fold): 5 minutes.

@@ -103,8 +103,17 @@ def test_split_batch_slices_rows_patches_and_padding(tiny_model_dirs, rows):
     assert [len(c["index"]) for c in chunks] == [4, 2]
     assert sum(len(c["pixel_values"]) for c in chunks) == len(batch["pixel_values"])
     for chunk in chunks:
-        assert chunk["attention_mask"][:, 0].any()  # no column of padding only
+        assert chunk["attention_mask"][:, 0].any() and chunk["attention_mask"][:, -1].any()  # no column of padding only
         assert chunk["pixel_values"].shape[0] == chunk["image_grid_thw"].prod(-1).sum()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_training_batches_are_padded_right_and_inference_batches_left(train, tiny_model_dirs, rows):
+    processor = AutoProcessor.from_pretrained(tiny_model_dirs["qwen3_vl"])
+    dataset = helpers.VQADataset(rows, helpers.pixel_budget(processor), train=train)
+    mask = helpers.VQACollator(processor, train=train)([dataset[i] for i in range(len(rows))])["attention_mask"]
+    assert not mask.all()
+    assert mask[:, 0 if train else -1].all()  # every row starts (training) or ends (inference) in the same column
 
 
 def test_answer_labels_rejects_a_row_without_an_answer():

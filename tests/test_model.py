@@ -200,7 +200,8 @@ def test_a_weight_without_a_gradient_stops_training(tiny_model_dirs, tmp_path, s
 
 
 def test_answer_loss_equals_full_logits_loss(tiny_model_dirs, tmp_path, sample_data):
-    """Computing logits for the last positions only gives the same loss as the full sequence."""
+    """Computing logits at the labelled positions only, without the padding mask, gives the loss of the full
+    sequence's logits with the mask."""
     model, processor = helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path))
     batch = one_batch(processor, sample_data[0].head(3))
     with torch.no_grad():
@@ -211,6 +212,31 @@ def test_answer_loss_equals_full_logits_loss(tiny_model_dirs, tmp_path, sample_d
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
         )
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask (flash GPUs, CPU)", "mask (T4)"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_changes_no_answer_loss(arch, masked, tiny_model_dirs, tmp_path, sample_data, monkeypatch):
+    """A right-padded batch's loss, with or without the padding mask, is the sum of its rows' losses each alone:
+    in every family (Qwen3.5's DeltaNet layers and the MoEs' routers included), nothing flows back from the pads."""
+    monkeypatch.setattr(helpers, "padding_mask_needed", lambda device: masked)
+    model, processor = helpers.load_model_and_processor(cfg_for(arch, tiny_model_dirs, tmp_path))
+    rows = sample_data[0].head(4)
+    batch = one_batch(processor, rows)
+    assert not batch["attention_mask"].all() and batch["attention_mask"][:, 0].all()  # padded, on the right
+    with torch.no_grad():
+        together = helpers.answer_loss_sum(model, batch)
+        alone = sum(helpers.answer_loss_sum(model, one_batch(processor, rows.iloc[[i]])) for i in range(len(rows)))
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_the_padding_mask_is_kept_only_where_flash_attention_is_missing(monkeypatch):
+    capability = {"value": (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability["value"])
+    assert helpers.padding_mask_needed(torch.device("cuda", 0))  # a T4
+    capability["value"] = (8, 0)
+    assert not helpers.padding_mask_needed(torch.device("cuda", 0))  # an A100, L4, H100
+    assert not helpers.padding_mask_needed(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
