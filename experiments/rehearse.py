@@ -186,6 +186,14 @@ def main() -> None:
         help="Config.compile_norms: on compiles the language model's RMSNorms and rotary embedding (off: the default)",
     )
     parser.add_argument(
+        "--padding-mask",
+        choices=("on", "off"),
+        default="off",
+        help="on: every training step gives the model its padding mask, as a T4 does and every step did before "
+        "right-padded batches (--parallel off only: it patches this process's helpers); off: "
+        "helpers.padding_mask_needed decides (the default: no mask on GPUs with flash attention)",
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="build the checkpoint and data, then stop (run it "
@@ -215,6 +223,12 @@ def main() -> None:
     name += f" folds={args.folds}" if args.folds != 2 else ""  # named only when not 2, as before --folds was varied
     compile_norms = args.compile_norms == "on" and torch.cuda.is_available()
     name += " norms=compiled" if compile_norms else ""  # runs named without it ran them eager
+    # Runs named without "padding-mask=on" ran masked, left-padded, until f7377c9; padding_mask_needed's way since
+    if args.padding_mask == "on":
+        if parallel is not False:
+            raise SystemExit("--padding-mask on needs --parallel off: folds side by side train in processes of theirs")
+        helpers.padding_mask_needed = lambda device: True
+        name += " padding-mask=on"
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil

@@ -8,7 +8,8 @@
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
 #                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled,
 #                                               rehearse-8b-compiled-x2 rehearse-8b-compiled-long-x2
-#                                               rehearse-8b-compiled-300 (two GPUs, one run each)
+#                                               rehearse-8b-compiled-300, rehearse-8b-padding-mask-300 (two GPUs,
+#                                               one run each)
 #   bash experiments/run_gpu.sh gpu-tests        # the tests skipped in CI for want of a GPU (.whl-test/ carried)
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
 # files come back from the GPU machine) as they run, and the JSON copied to experiments/results/. The benchmarks
@@ -154,6 +155,9 @@ rehearse rehearse-8b-compiled-long-x2 270 --model 8b --level safe --precision fp
 # compiled and eager side by side on the two GPUs of one nvidia-h200-x2 (about 5 minutes after the checkpoint builds),
 # into results/rehearsal_compiled_300_on.json and _off.json
 rehearse_both rehearse-8b-compiled-300 420 2 --compile-norms rehearsal_compiled_300 --model 8b --level safe \
+    --precision fp16 --parallel off --folds 4 --train-rows 1600 --test-rows 100
+# The same length with the training steps' padding mask given (the old call, on GPU 0) and not (the default, GPU 1)
+rehearse_both rehearse-8b-padding-mask-300 420 2 --padding-mask rehearsal_padding_mask_300 --model 8b --level safe \
     --precision fp16 --parallel off --folds 4 --train-rows 1600 --test-rows 100
 # nvidia-h200-x2: the two models that need both GPUs, one call each (a random checkpoint builds in about 60 s before
 # the timeout starts); the 16-bit checkpoint (54 and 70 GB) is removed after, for the RAM disk's sake
@@ -393,11 +397,12 @@ done
 run bench_attention 120 experiments/bench_attention.py
 run bench_attention_odd 120 experiments/bench_attention.py --mean-length 300 --spread 7 --precisions bf16
 # The training step with its batches right-padded and unmasked (helpers.padding_mask_needed, the default since) beside
-# the masked call it replaced and Unsloth, profiled: bf16, then fp16; about 6 minutes each.
+# the masked call it replaced, the default offloaded (Unsloth's memory) and Unsloth, profiled: bf16, then fp16; about
+# 7 minutes each.
 for precision in bf16 fp16; do
     run "peers_unsloth_unmasked_$precision" 440 experiments/bench_peers.py --model 8b --precisions $precision \
         --tools project,unsloth --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --generate-rows 2 \
-        --worker-timeout 220 --loader --profile --project-ways default,masked-attention \
+        --worker-timeout 220 --loader --profile --project-ways default,masked-attention,reentrant-offload \
         --unsloth-site /tmp/site-unsloth
 done
 # The default model's norms compiled and eager, per step (the rehearsal saw no gain in its second fold): 5 minutes.
