@@ -2121,7 +2121,7 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
 
 def padding_mask_needed(device: torch.device) -> bool:
     """Whether a right-padded training batch must give the model its padding mask. Without one, transformers calls
-    SDPA causal and with grouped-query attention, which its flash kernel runs 2-3x faster than the masked
+    SDPA causal and with grouped-query attention, which its flash kernel runs about 3x faster than the masked
     memory-efficient kernel at Qwen3-VL-8B's shapes (experiments/bench_attention.py). A GPU without flash attention
     (before sm80: a T4) keeps the mask: there only SDPA's slow math kernel takes grouped-query attention."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)

@@ -41,8 +41,9 @@ well (Unsloth's memory and settings). Offloading is helpers.OffloadedCheckpointi
 as Unsloth's) since 2026-11-29; `save-on-cpu` offloads as helpers did before, with torch's save_on_cpu (its copies on
 the compute stream; the results made before name that way `reentrant-offload`, and the side-stream prototype
 `side-stream-offload`). `fused-lora` adds each LoRA product to the base output with one addmm, as Unsloth does
-(fuse_lora_products, a prototype), `fused-lora-no-dropout` with LoRA dropout 0 as well. `--loader` feeds every way
-as `loader` does.
+(fuse_lora_products, a prototype), `fused-lora-no-dropout` with LoRA dropout 0 as well. `masked-attention` gives
+the model the training batch's padding mask, as every step did before training batches were right-padded, and as a T4
+does (helpers.padding_mask_needed). `--loader` feeds every way as `loader` does.
 
 `--profile` runs one more optimizer step after the timed ones under torch.profiler, for every tool (the peers' in
 their trainer, from after it collated the step's rows): the GPU's busy time, the kernels and the ops with the most GPU
@@ -192,11 +193,6 @@ PROJECT_WAYS = {
     # Training batches went right-padded and, on GPUs with flash attention, unmasked (helpers.padding_mask_needed)
     # after peers_unsloth_profile_bf16; every result before ran the masked way, the default then.
     "masked-attention": ("project, padding mask given to the attention (a T4's way)", {}, ("masked-attention",)),
-    "masked-attention-compiled-norms-no-dropout": (
-        "project, padding mask given to the attention, RMSNorms and rotary embedding compiled, LoRA dropout 0",
-        {"compile_norms": True, "lora_dropout": 0.0},
-        ("masked-attention",),
-    ),
 }
 
 
