@@ -220,13 +220,16 @@ def compile_decoder_layers(model) -> int:
 
 def fused_lora_forward(self, x, *args, **kwargs):
     """peft's LoRA forward for one active plain adapter, as Unsloth rewrites it (unsloth_zoo/compiler.py,
-    lora_forward): the base output plus the scaled LoRA product in one addmm, without peft's defensive copy of the base
-    output and its separate scale and add (three passes over each adapted layer's output, in the forward alone)."""
+    lora_forward; unsloth/kernels/utils.py, matmul_lora): the base output plus the scaled LoRA product in one addmm,
+    without peft's defensive copy of the base output and its separate scale and add (three passes over each adapted
+    layer's output, in the forward alone), and in the base output's dtype: the fp32 adapter weights are cast to it
+    (a few KiB), where peft, without autocast (bf16), casts the input (rows x tokens x hidden) to fp32 and multiplies
+    in fp32. The results of peers_fused_lora (fp16, under autocast) were made when this cast the input as peft does."""
     result = self.base_layer(x, *args, **kwargs)
     name = self.active_adapters[0]
-    lora_A = self.lora_A[name]  # peft casts the input to the adapter's dtype too (fp32 when scoring without autocast)
-    xa = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))).to(result.dtype)
-    weight = self.lora_B[name].weight.to(result.dtype)
+    dtype = result.dtype
+    xa = self.lora_dropout[name](x.to(dtype)) @ self.lora_A[name].weight.to(dtype).t()
+    weight = self.lora_B[name].weight.to(dtype)
     shape = result.shape
     fused = torch.addmm(
         result.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1]), weight.t(), alpha=self.scaling[name]
