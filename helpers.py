@@ -2119,12 +2119,30 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "index")}
 
 
-def padding_mask_needed(device: torch.device) -> bool:
-    """Whether a right-padded training batch must give the model its padding mask. Without one, transformers calls
-    SDPA causal and with grouped-query attention, which its flash kernel runs about 3x faster than the masked
-    memory-efficient kernel at Qwen3-VL-8B's shapes (experiments/bench_attention.py). A GPU without flash attention
-    (before sm80: a T4) keeps the mask: there only SDPA's slow math kernel takes grouped-query attention."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
+def padding_mask_needed(model) -> bool:
+    """Whether a right-padded training batch must give `model` its padding mask. Without one, transformers calls SDPA
+    causal and with grouped-query attention, which SDPA's flash kernel runs about 3x faster than its masked
+    memory-efficient kernel at Qwen3-VL-8B's shapes (experiments/bench_attention.py). Where no fused kernel of SDPA
+    takes that call (a T4, whose GPU has no flash attention; fp32), only its slow math kernel would: the mask stays.
+    A CPU takes either call."""
+    weight = model.get_input_embeddings().weight  # where and in what dtype the language model computes
+    if weight.device.type != "cuda":
+        return False
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    shape = (weight.device, weight.dtype, text.num_attention_heads, text.num_key_value_heads, head_dim)
+    return not fused_unmasked_attention(*shape)
+
+
+@functools.cache
+def fused_unmasked_attention(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether SDPA has a fused kernel (flash or memory-efficient) for a causal, unmasked, grouped-query attention
+    of these heads that trains, as torch itself answers for a query of a few tokens."""
+    query = torch.zeros(1, heads, 8, head_dim, device=device, dtype=dtype, requires_grad=True)
+    key = torch.zeros(1, kv_heads, 8, head_dim, device=device, dtype=dtype, requires_grad=True)
+    sdpa = torch.backends.cuda
+    params = sdpa.SDPAParams(query, key, key, None, 0.0, True, True)  # no mask, causal, grouped-query
+    return sdpa.can_use_flash_attention(params) or sdpa.can_use_efficient_attention(params)
 
 
 def answer_loss_sum(model, batch: dict) -> torch.Tensor:
@@ -2138,7 +2156,7 @@ def answer_loss_sum(model, batch: dict) -> torch.Tensor:
     labels = batch["labels"]
     rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # position t predicts token t + 1
     inputs = model_inputs(batch, input_device(model))
-    if not padding_mask_needed(input_device(model)):
+    if not padding_mask_needed(model):
         del inputs["attention_mask"]
     vlm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under the PEFT wrapper
     hidden = vlm.model(**inputs).last_hidden_state

@@ -190,8 +190,8 @@ PROJECT_WAYS = {
         {"reentrant_checkpointing": True, "offload_activations": True, "lora_dropout": 0.0},
         ("fused-lora",),
     ),
-    # Training batches went right-padded and, on GPUs with flash attention, unmasked (helpers.padding_mask_needed)
-    # after peers_unsloth_profile_bf16; every result before ran the masked way, the default then.
+    # Training batches went right-padded and, where SDPA has a fused kernel for the unmasked call (flash: an H200 in 16
+    # bits), unmasked (helpers.padding_mask_needed) after peers_unsloth_profile_bf16; every result before ran masked.
     "masked-attention": ("project, padding mask given to the attention (a T4's way)", {}, ("masked-attention",)),
 }
 
@@ -297,8 +297,8 @@ def run_project(args, df, result: dict, save) -> None:
     if "fused-lora" in extras:
         result["settings"]["fused_lora_layers"] = fuse_lora_products(model)
     if "masked-attention" in extras:  # the masked SDPA call of every training step before, and of a T4's now
-        helpers.padding_mask_needed = lambda device: True
-    result["settings"]["padding_mask"] = helpers.padding_mask_needed(helpers.input_device(model))
+        helpers.padding_mask_needed = lambda model: True
+    result["settings"]["padding_mask"] = helpers.padding_mask_needed(model)
     if "save-on-cpu" in extras:  # the offloading helpers had before OffloadedCheckpointing
         model.get_base_model().activation_checkpointing_enable({"use_reentrant": True}, offload=True)
         result["settings"]["checkpointing"]["offload"] = "torch's save_on_cpu (transformers' offload=True)"

@@ -191,7 +191,7 @@ def main() -> None:
         default="off",
         help="on: every training step gives the model its padding mask, as a T4 does and every step did before "
         "right-padded batches (--parallel off only: it patches this process's helpers); off: "
-        "helpers.padding_mask_needed decides (the default: no mask on GPUs with flash attention)",
+        "helpers.padding_mask_needed decides (the default: no mask where SDPA has a fused kernel for that, flash)",
     )
     parser.add_argument(
         "--prepare-only",
@@ -227,7 +227,7 @@ def main() -> None:
     if args.padding_mask == "on":
         if parallel is not False:
             raise SystemExit("--padding-mask on needs --parallel off: folds side by side train in processes of theirs")
-        helpers.padding_mask_needed = lambda device: True
+        helpers.padding_mask_needed = lambda model: True
         name += " padding-mask=on"
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():

@@ -1,6 +1,8 @@
 """Loading through from_pretrained, LoRA placement, and what a training step may and may not change."""
 
 import json
+import types
+from pathlib import Path
 
 import make_tiny_model
 import numpy as np
@@ -219,7 +221,7 @@ def test_answer_loss_equals_full_logits_loss(tiny_model_dirs, tmp_path, sample_d
 def test_padding_changes_no_answer_loss(arch, masked, tiny_model_dirs, tmp_path, sample_data, monkeypatch):
     """A right-padded batch's loss, with or without the padding mask, is the sum of its rows' losses each alone:
     in every family (Qwen3.5's DeltaNet layers and the MoEs' routers included), nothing flows back from the pads."""
-    monkeypatch.setattr(helpers, "padding_mask_needed", lambda device: masked)
+    monkeypatch.setattr(helpers, "padding_mask_needed", lambda model: masked)
     model, processor = helpers.load_model_and_processor(cfg_for(arch, tiny_model_dirs, tmp_path))
     rows = sample_data[0].head(4)
     batch = one_batch(processor, rows)
@@ -230,13 +232,39 @@ def test_padding_changes_no_answer_loss(arch, masked, tiny_model_dirs, tmp_path,
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
 
 
-def test_the_padding_mask_is_kept_only_where_flash_attention_is_missing(monkeypatch):
-    capability = {"value": (7, 5)}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability["value"])
-    assert helpers.padding_mask_needed(torch.device("cuda", 0))  # a T4
-    capability["value"] = (8, 0)
-    assert not helpers.padding_mask_needed(torch.device("cuda", 0))  # an A100, L4, H100
-    assert not helpers.padding_mask_needed(torch.device("cpu"))
+def test_the_padding_mask_is_kept_where_sdpa_has_no_fused_kernel_for_the_unmasked_call(monkeypatch, tiny_model_dirs):
+    asked = []
+
+    def fused(device, dtype, heads, kv_heads, head_dim):
+        asked.append((device.type, dtype, heads, kv_heads, head_dim))
+        return dtype != torch.float32  # as on an H200: flash for 16 bits, nothing fused for fp32
+
+    monkeypatch.setattr(helpers, "fused_unmasked_attention", fused)
+    for dtype, needed in ((torch.bfloat16, False), (torch.float32, True)):
+        for text, head_dim in (
+            (types.SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, head_dim=128), 128),  # Qwen3-VL-8B
+            (types.SimpleNamespace(num_attention_heads=28, num_key_value_heads=4, hidden_size=3584), 128),  # 2.5-VL-7B
+        ):
+            weight = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
+            model = types.SimpleNamespace(
+                get_input_embeddings=lambda weight=weight: types.SimpleNamespace(weight=weight),
+                config=types.SimpleNamespace(get_text_config=lambda text=text: text),
+            )
+            assert helpers.padding_mask_needed(model) is needed
+            assert asked[-1] == ("cuda", dtype, text.num_attention_heads, text.num_key_value_heads, head_dim)
+    cpu_model, _ = helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, Path("/tmp")))
+    assert not helpers.padding_mask_needed(cpu_model) and len(asked) == 4  # a CPU takes either call: nothing asked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch answers for a GPU's kernels")
+def test_sdpa_trains_the_unmasked_call_of_every_family_in_16_bits_on_this_gpu():
+    """On the GPU machine (sm90): flash takes Qwen3-VL's heads (128) and Qwen3.5's (256) in both 16-bit dtypes; fp32
+    has no fused kernel for it, so the mask stays there."""
+    cuda = torch.device("cuda", 0)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert helpers.fused_unmasked_attention(cuda, dtype, 32, 8, 128)  # Qwen3-VL-8B
+        assert helpers.fused_unmasked_attention(cuda, dtype, 16, 4, 256)  # Qwen3.5-4B
+    assert not helpers.fused_unmasked_attention(cuda, torch.float32, 32, 8, 128)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
