@@ -2145,6 +2145,21 @@ def fused_unmasked_attention(device, dtype, heads: int, kv_heads: int, head_dim:
     return sdpa.can_use_flash_attention(params) or sdpa.can_use_efficient_attention(params)
 
 
+def rope_positions(model, batch: dict, masked: bool) -> torch.Tensor:
+    """The batch's multimodal rotary positions, from the model's own get_rope_index, computed while the batch is still
+    on the CPU: left to the model, on the GPU, they would make it wait for the GPU several times a row (it reads each
+    row's token types and each image's grid: experiments/count_syncs.py). The same call as the model's forward makes,
+    with the padding mask where the model gets it."""
+    vlm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under the PEFT wrapper
+    positions, _ = vlm.model.get_rope_index(
+        input_ids=batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"] if masked else None,
+    )
+    return positions
+
+
 def answer_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy over the labelled answer tokens of a right-padded batch (VQACollator).
 
@@ -2155,8 +2170,10 @@ def answer_loss_sum(model, batch: dict) -> torch.Tensor:
     """
     labels = batch["labels"]
     rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # position t predicts token t + 1
+    masked = padding_mask_needed(model)
     inputs = model_inputs(batch, input_device(model))
-    if not padding_mask_needed(model):
+    inputs["position_ids"] = rope_positions(model, batch, masked).to(input_device(model), non_blocking=True)
+    if not masked:
         del inputs["attention_mask"]
     vlm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under the PEFT wrapper
     hidden = vlm.model(**inputs).last_hidden_state
@@ -3001,7 +3018,9 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
         """The batch's letter scores into `out`, `size` rows a forward pass."""
         for chunk in split_batch(batch, size):
             with autocast():
-                logits = model(**model_inputs(chunk, device), logits_to_keep=1).logits[:, -1]
+                inputs = model_inputs(chunk, device)
+                inputs["position_ids"] = rope_positions(model, chunk, masked=True).to(device, non_blocking=True)
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1]
             out[chunk["index"]] = logits.float().log_softmax(-1)[:, letter_ids.to(logits.device)].cpu()
 
     started = now()

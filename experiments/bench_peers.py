@@ -43,7 +43,8 @@ the compute stream; the results made before name that way `reentrant-offload`, a
 `side-stream-offload`). `fused-lora` adds each LoRA product to the base output with one addmm, as Unsloth does
 (fuse_lora_products, a prototype), `fused-lora-no-dropout` with LoRA dropout 0 as well. `masked-attention` gives
 the model the training batch's padding mask, as every step did before training batches were right-padded, and as a T4
-does (helpers.padding_mask_needed). `--loader` feeds every way as `loader` does.
+does (helpers.padding_mask_needed); `rope-on-gpu` computes the rotary positions on the GPU, as the model did before
+helpers.rope_positions. `--loader` feeds every way as `loader` does.
 
 `--profile` runs one more optimizer step after the timed ones under torch.profiler, for every tool (the peers' in
 their trainer, from after it collated the step's rows): the GPU's busy time, the kernels and the ops with the most GPU
@@ -193,6 +194,8 @@ PROJECT_WAYS = {
     # Training batches went right-padded and, where SDPA has a fused kernel for the unmasked call (flash: an H200 in 16
     # bits), unmasked (helpers.padding_mask_needed) after peers_unsloth_profile_bf16; every result before ran masked.
     "masked-attention": ("project, padding mask given to the attention (a T4's way)", {}, ("masked-attention",)),
+    # helpers.rope_positions computes the rotary positions on the CPU since; before, the model did on the GPU.
+    "rope-on-gpu": ("project, rotary positions computed on the GPU", {}, ("rope-on-gpu",)),
 }
 
 
@@ -299,6 +302,12 @@ def run_project(args, df, result: dict, save) -> None:
     if "masked-attention" in extras:  # the masked SDPA call of every training step before, and of a T4's now
         helpers.padding_mask_needed = lambda model: True
     result["settings"]["padding_mask"] = helpers.padding_mask_needed(model)
+    if "rope-on-gpu" in extras:  # the same get_rope_index call on the GPU's copy of its inputs, as the model made it
+        on_cpu, keys = helpers.rope_positions, ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
+        helpers.rope_positions = lambda model, batch, masked: on_cpu(
+            model, {k: batch[k].to(helpers.input_device(model)) for k in keys}, masked
+        )
+    result["settings"]["rope_positions"] = "on the GPU" if "rope-on-gpu" in extras else "on the CPU"
     if "save-on-cpu" in extras:  # the offloading helpers had before OffloadedCheckpointing
         model.get_base_model().activation_checkpointing_enable({"use_reentrant": True}, offload=True)
         result["settings"]["checkpointing"]["offload"] = "torch's save_on_cpu (transformers' offload=True)"

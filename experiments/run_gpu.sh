@@ -360,10 +360,11 @@ run peers_offload_fp16 250 experiments/bench_peers.py --model 8b --precisions fp
 run peers_fused_lora 330 experiments/bench_peers.py --model 8b --precisions fp16 --tools project \
     --steps 30 --rows 496 --micro-batches 16 --score-rows 32 --worker-timeout 200 --loader \
     --project-ways default,fused-lora,no-dropout,fused-lora-no-dropout
-# The same in bf16, where peft multiplies in fp32 (no autocast) and the fused forward, since, in bf16, profiled: 4 minutes
-run peers_fused_lora_bf16 300 experiments/bench_peers.py --model 8b --precisions bf16 --tools project --steps 14 \
+# The same in bf16, where peft multiplies in fp32 (no autocast) and the fused forward, since, in bf16; and the rotary
+# positions computed on the GPU, as before helpers.rope_positions; profiled: 5 minutes
+run peers_fused_lora_bf16 360 experiments/bench_peers.py --model 8b --precisions bf16 --tools project --steps 14 \
     --rows 256 --micro-batches 16 --score-rows 32 --worker-timeout 120 --loader --profile \
-    --project-ways default,fused-lora
+    --project-ways default,fused-lora,rope-on-gpu
 # helpers.OffloadedCheckpointing beside Unsloth in one call, in bf16 and in fp16 (9.5 minutes each): the default, the
 # offloaded way (Unsloth's memory), and that with Unsloth's LoRA settings (dropout 0, one addmm for each product)
 run peers_unsloth_helpers_bf16 560 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,unsloth \
