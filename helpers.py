@@ -2145,13 +2145,17 @@ def fused_unmasked_attention(device, dtype, heads: int, kv_heads: int, head_dim:
     return sdpa.can_use_flash_attention(params) or sdpa.can_use_efficient_attention(params)
 
 
+def transformers_model(model):
+    """The transformers model (a Qwen ...ForConditionalGeneration) under PEFT's wrapper, or `model` if unwrapped."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def rope_positions(model, batch: dict, masked: bool) -> torch.Tensor:
     """The batch's multimodal rotary positions, from the model's own get_rope_index, computed while the batch is still
     on the CPU: left to the model, on the GPU, they would make it wait for the GPU several times a row (it reads each
     row's token types and each image's grid: experiments/count_syncs.py). The same call as the model's forward makes,
     with the padding mask where the model gets it."""
-    vlm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under the PEFT wrapper
-    positions, _ = vlm.model.get_rope_index(
+    positions, _ = transformers_model(model).model.get_rope_index(
         input_ids=batch["input_ids"],
         mm_token_type_ids=batch["mm_token_type_ids"],
         image_grid_thw=batch["image_grid_thw"],
@@ -2175,7 +2179,7 @@ def answer_loss_sum(model, batch: dict) -> torch.Tensor:
     inputs["position_ids"] = rope_positions(model, batch, masked).to(input_device(model), non_blocking=True)
     if not masked:
         del inputs["attention_mask"]
-    vlm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under the PEFT wrapper
+    vlm = transformers_model(model)
     hidden = vlm.model(**inputs).last_hidden_state
     logits = vlm.lm_head(hidden[rows.to(hidden.device), positions.to(hidden.device)])
     targets = labels[rows, positions + 1].to(logits.device)
