@@ -2164,6 +2164,17 @@ def rope_positions(model, batch: dict, masked: bool) -> torch.Tensor:
     return positions
 
 
+def forward_inputs(model, batch: dict, masked: bool) -> dict:
+    """What training and scoring give the model's forward: model_inputs, the rotary positions computed on the CPU
+    (rope_positions), and the padding mask only if `masked`."""
+    device = input_device(model)
+    inputs = model_inputs(batch, device)
+    inputs["position_ids"] = rope_positions(model, batch, masked).to(device, non_blocking=True)
+    if not masked:
+        del inputs["attention_mask"]
+    return inputs
+
+
 def answer_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy over the labelled answer tokens of a right-padded batch (VQACollator).
 
@@ -2174,13 +2185,8 @@ def answer_loss_sum(model, batch: dict) -> torch.Tensor:
     """
     labels = batch["labels"]
     rows, positions = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # position t predicts token t + 1
-    masked = padding_mask_needed(model)
-    inputs = model_inputs(batch, input_device(model))
-    inputs["position_ids"] = rope_positions(model, batch, masked).to(input_device(model), non_blocking=True)
-    if not masked:
-        del inputs["attention_mask"]
     vlm = transformers_model(model)
-    hidden = vlm.model(**inputs).last_hidden_state
+    hidden = vlm.model(**forward_inputs(model, batch, padding_mask_needed(model))).last_hidden_state
     logits = vlm.lm_head(hidden[rows.to(hidden.device), positions.to(hidden.device)])
     targets = labels[rows, positions + 1].to(logits.device)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -3022,9 +3028,7 @@ def position_log_probs(model, processor, df: pd.DataFrame, cfg: Config, order: t
         """The batch's letter scores into `out`, `size` rows a forward pass."""
         for chunk in split_batch(batch, size):
             with autocast():
-                inputs = model_inputs(chunk, device)
-                inputs["position_ids"] = rope_positions(model, chunk, masked=True).to(device, non_blocking=True)
-                logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+                logits = model(**forward_inputs(model, chunk, masked=True), logits_to_keep=1).logits[:, -1]
             out[chunk["index"]] = logits.float().log_softmax(-1)[:, letter_ids.to(logits.device)].cpu()
 
     started = now()
