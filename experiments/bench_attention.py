@@ -33,16 +33,17 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 # Qwen3-VL-8B's language model
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 36, 32, 8, 128
 
+# way: (padding side, the one SDPA kernel allowed or None for SDPA's choice, key/value heads repeated first)
 WAYS = {
-    "left-padded, mask": ("left", None),
-    "left-padded, mask, cuDNN": ("left", SDPBackend.CUDNN_ATTENTION),
-    "left-padded, mask, efficient": ("left", SDPBackend.EFFICIENT_ATTENTION),
-    "right-padded, causal": ("right", None),
-    "right-padded, causal, cuDNN": ("right", SDPBackend.CUDNN_ATTENTION),
-    "right-padded, causal, flash": ("right", SDPBackend.FLASH_ATTENTION),  # the project's (cuDNN off), not yet run
-    "right-padded, causal, efficient": ("right", SDPBackend.EFFICIENT_ATTENTION),
-    "right-padded, causal, efficient, kv repeated": ("right, kv repeated", SDPBackend.EFFICIENT_ATTENTION),
-    "right-padded, causal, kv repeated": ("right, kv repeated", None),
+    "left-padded, mask": ("left", None, False),
+    "left-padded, mask, cuDNN": ("left", SDPBackend.CUDNN_ATTENTION, False),
+    "left-padded, mask, efficient": ("left", SDPBackend.EFFICIENT_ATTENTION, False),
+    "right-padded, causal": ("right", None, False),
+    "right-padded, causal, cuDNN": ("right", SDPBackend.CUDNN_ATTENTION, False),
+    "right-padded, causal, flash": ("right", SDPBackend.FLASH_ATTENTION, False),  # the project's (cuDNN off), not run
+    "right-padded, causal, efficient": ("right", SDPBackend.EFFICIENT_ATTENTION, False),
+    "right-padded, causal, efficient, kv repeated": ("right", SDPBackend.EFFICIENT_ATTENTION, True),
+    "right-padded, causal, kv repeated": ("right", None, True),
 }
 
 
@@ -86,8 +87,9 @@ def attention(q, k, v, mask, repeat_kv: bool = False):
     return out  # (rows, width, heads, dim)
 
 
-def run_way(inputs: dict, lengths: list[int], layout: str, backend, dtype, reference: dict | None) -> dict:
-    side, repeat_kv = layout.split(",")[0], "kv repeated" in layout
+def run_way(
+    inputs: dict, lengths: list[int], side: str, backend, repeat_kv: bool, dtype, reference: dict | None
+) -> dict:
     width = inputs["q"].shape[2]
     device = inputs["q"].device
     q, k, v = (padded(inputs[n], lengths, side).to(dtype).requires_grad_() for n in "qkv")
@@ -154,13 +156,14 @@ def main() -> None:
 
     inputs = {"q": random(HEADS), "k": random(KV_HEADS), "v": random(KV_HEADS), "grad": random(HEADS)}
     with sdpa_kernel([SDPBackend.MATH]):
-        reference = run_way(inputs, lengths, "left", SDPBackend.MATH, torch.float32, None)
+        reference = run_way(inputs, lengths, "left", SDPBackend.MATH, False, torch.float32, None)
     results = {"benchmark": "attention", "env": common.environment(), "args": vars(args), "lengths": lengths}
     table = []
     for precision in args.precisions.split(","):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        for way, (side, backend) in WAYS.items():
-            row = {"precision": precision, "way": way} | run_way(inputs, lengths, side, backend, dtype, reference)
+        for way, (side, backend, repeat_kv) in WAYS.items():
+            row = {"precision": precision, "way": way}
+            row |= run_way(inputs, lengths, side, backend, repeat_kv, dtype, reference)
             common.log(f"{precision} {way}: {row}")
             table.append(row)
             results["runs"] = table
