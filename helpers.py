@@ -2121,8 +2121,9 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
 
 def padding_mask_needed(model) -> bool:
     """Whether a right-padded training batch must give `model` its padding mask. Without one, transformers calls SDPA
-    causal and with grouped-query attention, which SDPA's flash kernel runs about 3x faster than its masked
-    memory-efficient kernel at Qwen3-VL-8B's shapes (experiments/bench_attention.py). Where no fused kernel of SDPA
+    causal and with grouped-query attention: 3.0-3.7x faster than the masked call on the memory-efficient kernel at
+    Qwen3-VL-8B's shapes on an H200 (experiments/bench_attention.py, on cuDNN's kernel; the flash kernel that runs it
+    here, cuDNN being off, is not timed alone yet, nor a whole step). Where no fused kernel of SDPA
     takes that call (a T4, whose GPU has no flash attention; fp32), only its slow math kernel would: the mask stays.
     A CPU takes either call."""
     weight = model.get_input_embeddings().weight  # where and in what dtype the language model computes
