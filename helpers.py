@@ -1499,6 +1499,10 @@ def load_model_and_processor(cfg: Config):
         kwargs["device_map"] = plan_device_map(model_path, kwargs.get("quantization_config"), dtype, budget)
     model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
     print(f"vision attention batched over images in {batch_vision_attention(model)} layers")
+    attention = use_unmasked_attention(model)
+    print(
+        f"language model attention {attention}: training batches {'with' if padding_mask_needed(model) else 'without'} the padding mask"
+    )
     if dtype == torch.float16 and cfg.fp32_islands and family.fp32_modules:
         print(f"{compute_in_fp32(model, family.fp32_modules)} {'/'.join(family.fp32_modules)} modules compute in fp32")
     model.requires_grad_(False)
@@ -1705,6 +1709,72 @@ def batch_vision_attention(model) -> int:
     for module in modules:
         module.forward = types.MethodType(batched_vision_attention_forward, module)
     return len(modules)
+
+
+# -- The language model's attention without the padding mask --------------------------------------------------------
+# Training batches are padded on the right (VQACollator): the pads follow a row's tokens, so causal attention alone
+# keeps them from every real token and the model needs no padding mask where an SDPA kernel takes the causal, unmasked
+# call. Without the mask the step's attention took 1.8-2.0x less time (flash against the masked memory-efficient
+# kernel, Qwen3-VL-8B's shapes on an H200), the step 0.07 s less GPU work, a fold 1.05x less time with the same
+# accuracy (experiments/README, "Right-padded, unmasked training measured"). Unmasked, transformers asks SDPA for
+# grouped-query attention, which of its fused kernels only flash takes (sm80 and later, 16 bits); a T4 has no flash,
+# and its memory-efficient kernel takes the call once the key/value heads are repeated to the query's, as transformers
+# repeats them for a masked call: on an H200's memory-efficient kernel 1.40-1.47x faster than the masked call
+# (experiments/bench_attention.py; a T4 itself and the whole step on that kernel are not measured yet).
+SDPA_KV_REPEATED = "sdpa_kv_repeated"
+
+
+def sdpa_kv_heads_repeated(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, with the key/value heads repeated to the query's for an unmasked call (a masked
+    one, scoring's left-padded batches, goes through as it is: transformers repeats them itself)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if attention_mask is None:
+        groups = getattr(module, "num_key_value_groups", 1)
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@functools.cache
+def fused_unmasked_attention(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether SDPA has a fused kernel (flash or memory-efficient) that trains a causal, unmasked attention of these
+    heads as transformers calls it (grouped-query), as torch itself answers for a query of a few tokens."""
+    query = torch.zeros(1, heads, 8, head_dim, device=device, dtype=dtype, requires_grad=True)
+    key = torch.zeros(1, kv_heads, 8, head_dim, device=device, dtype=dtype, requires_grad=True)
+    sdpa = torch.backends.cuda
+    params = sdpa.SDPAParams(query, key, key, None, 0.0, True, True)  # no mask, causal, grouped-query
+    return sdpa.can_use_flash_attention(params) or sdpa.can_use_efficient_attention(params)
+
+
+def unmasked_attention(model) -> str | None:
+    """The attention under which `model`'s language model trains without the padding mask on a fused kernel, for its
+    device, dtype and heads: "sdpa", transformers' own (flash takes its grouped-query call; a CPU takes any call),
+    SDPA_KV_REPEATED (the memory-efficient kernel takes the call with the heads repeated: a T4; fp32), or None (no
+    fused kernel would: the mask stays)."""
+    weight = model.get_input_embeddings().weight  # where and in what dtype the language model computes
+    if weight.device.type != "cuda":
+        return "sdpa"
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
+    if fused_unmasked_attention(weight.device, weight.dtype, heads, kv_heads, head_dim):
+        return "sdpa"
+    if fused_unmasked_attention(weight.device, weight.dtype, heads, heads, head_dim):
+        return SDPA_KV_REPEATED
+    return None
+
+
+def use_unmasked_attention(model) -> str:
+    """Give the language model the attention that unmasked_attention names, where it is not transformers' SDPA;
+    returns what it runs. The vision encoder keeps its own."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if unmasked_attention(model) == SDPA_KV_REPEATED:
+        AttentionInterface.register(SDPA_KV_REPEATED, sdpa_kv_heads_repeated)
+        AttentionMaskInterface.register(SDPA_KV_REPEATED, sdpa_mask)  # scoring's masks, as SDPA's
+        model.set_attn_implementation({"text_config": SDPA_KV_REPEATED})
+    return model.config.get_text_config()._attn_implementation
 
 
 # -- The language model's norms and rotary embedding compiled --------------------------------------------------------
@@ -2120,30 +2190,9 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
 
 
 def padding_mask_needed(model) -> bool:
-    """Whether a right-padded training batch must give `model` its padding mask. Without one, transformers calls SDPA
-    causal and with grouped-query attention: 3.0-3.7x faster than the masked call on the memory-efficient kernel at
-    Qwen3-VL-8B's shapes on an H200 (experiments/bench_attention.py, on cuDNN's kernel; the flash kernel that runs it
-    here, cuDNN being off, is not timed alone yet, nor a whole step). Where no fused kernel of SDPA
-    takes that call (a T4, whose GPU has no flash attention; fp32), only its slow math kernel would: the mask stays.
-    A CPU takes either call."""
-    weight = model.get_input_embeddings().weight  # where and in what dtype the language model computes
-    if weight.device.type != "cuda":
-        return False
-    text = model.config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    shape = (weight.device, weight.dtype, text.num_attention_heads, text.num_key_value_heads, head_dim)
-    return not fused_unmasked_attention(*shape)
-
-
-@functools.cache
-def fused_unmasked_attention(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether SDPA has a fused kernel (flash or memory-efficient) for a causal, unmasked, grouped-query attention
-    of these heads that trains, as torch itself answers for a query of a few tokens."""
-    query = torch.zeros(1, heads, 8, head_dim, device=device, dtype=dtype, requires_grad=True)
-    key = torch.zeros(1, kv_heads, 8, head_dim, device=device, dtype=dtype, requires_grad=True)
-    sdpa = torch.backends.cuda
-    params = sdpa.SDPAParams(query, key, key, None, 0.0, True, True)  # no mask, causal, grouped-query
-    return sdpa.can_use_flash_attention(params) or sdpa.can_use_efficient_attention(params)
+    """Whether a right-padded training batch must give `model` its padding mask: unless its language model runs the
+    attention that unmasked_attention names for its device, dtype and heads (set when it was loaded)."""
+    return model.config.get_text_config()._attn_implementation != unmasked_attention(model)
 
 
 def transformers_model(model):

@@ -44,7 +44,10 @@ the compute stream; the results made before name that way `reentrant-offload`, a
 (fuse_lora_products, a prototype), `fused-lora-no-dropout` with LoRA dropout 0 as well. `masked-attention` gives
 the model the training batch's padding mask, as every step did before training batches were right-padded, and as a T4
 does (helpers.padding_mask_needed); `rope-on-gpu` computes the rotary positions on the GPU, as the model did before
-helpers.rope_positions. `--loader` feeds every way as `loader` does.
+helpers.rope_positions. `t4-kernels` turns SDPA's flash kernel off before loading, as a T4 has none (its
+memory-efficient and math kernels left): the default then trains unmasked with the key/value heads repeated
+(helpers.unmasked_attention); `t4-kernels-masked` with the mask, a T4's way before. `--loader` feeds every way as
+`loader` does.
 
 `--profile` runs one more optimizer step after the timed ones under torch.profiler, for every tool (the peers' in
 their trainer, from after it collated the step's rows): the GPU's busy time, the kernels and the ops with the most GPU
@@ -196,6 +199,14 @@ PROJECT_WAYS = {
     "masked-attention": ("project, padding mask given to the attention (a T4's way)", {}, ("masked-attention",)),
     # helpers.rope_positions computes the rotary positions on the CPU since; before, the model did on the GPU.
     "rope-on-gpu": ("project, rotary positions computed on the GPU", {}, ("rope-on-gpu",)),
+    # A T4's kernels: SDPA's flash off (a T4 has none), its memory-efficient and math kernels left; the default then
+    # runs the training batches unmasked with the key/value heads repeated (helpers.unmasked_attention)
+    "t4-kernels": ("project, flash off (a T4's kernels)", {}, ("no-flash",)),
+    "t4-kernels-masked": (
+        "project, flash off, padding mask given (a T4's way before)",
+        {},
+        ("no-flash", "masked-attention"),
+    ),
 }
 
 
@@ -279,6 +290,9 @@ def score_letters(model, processor, df, cfg) -> dict:
 
 def run_project(args, df, result: dict, save) -> None:
     cfg = project_config(args)
+    extras = PROJECT_WAYS[args.project_way][2]
+    if "no-flash" in extras:  # before loading: the loader asks torch which kernels take the unmasked call
+        torch.backends.cuda.enable_flash_sdp(False)
     start = time.perf_counter()
     model, processor = helpers.load_model_and_processor(cfg)
     result.update(load_s=time.perf_counter() - start, weights_gib=common.allocated_gib())
@@ -292,7 +306,6 @@ def run_project(args, df, result: dict, save) -> None:
         "fp32_islands": cfg.fp32_islands,
     }
     result["settings"]["trainable_params"] = common.trainable_params(model)
-    extras = PROJECT_WAYS[args.project_way][2]
     result["settings"]["checkpointing"] = {"reentrant": cfg.reentrant_checkpointing, "offload": cfg.offload_activations}
     result["settings"]["compile_norms"] = cfg.compile_norms and torch.cuda.is_available()
     if "compile" in extras:
@@ -302,6 +315,8 @@ def run_project(args, df, result: dict, save) -> None:
     if "masked-attention" in extras:  # the masked SDPA call of every training step before, and of a T4's now
         helpers.padding_mask_needed = lambda model: True
     result["settings"]["padding_mask"] = helpers.padding_mask_needed(model)
+    result["settings"]["text_attention"] = model.config.get_text_config()._attn_implementation
+    result["settings"]["flash"] = torch.backends.cuda.flash_sdp_enabled()
     if "rope-on-gpu" in extras:  # the same get_rope_index call on the GPU's copy of its inputs, as the model made it
         on_cpu, keys = helpers.rope_positions, ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
         helpers.rope_positions = lambda model, batch, masked: on_cpu(

@@ -194,6 +194,14 @@ def main() -> None:
         "helpers.padding_mask_needed decides (the default: no mask where SDPA has a fused kernel for that, flash)",
     )
     parser.add_argument(
+        "--flash",
+        choices=("on", "off"),
+        default="on",
+        help="off: SDPA's flash kernel turned off in this process, as a T4 has none (its memory-efficient and math "
+        "kernels only; --parallel off only): the training batches then run with the key/value heads repeated "
+        "(helpers.unmasked_attention), or masked with --padding-mask on",
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="build the checkpoint and data, then stop (run it "
@@ -229,6 +237,11 @@ def main() -> None:
             raise SystemExit("--padding-mask on needs --parallel off: folds side by side train in processes of theirs")
         helpers.padding_mask_needed = lambda model: True
         name += " padding-mask=on"
+    if args.flash == "off":
+        if parallel is not False:
+            raise SystemExit("--flash off needs --parallel off: folds side by side train in processes of theirs")
+        torch.backends.cuda.enable_flash_sdp(False)
+        name += " flash=off"
     output_dir = workdir / "runs" / name.replace(" ", "_").replace("=", "-")
     if output_dir.exists():
         import shutil

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_fused_lora_bf16, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_unsloth_profile_bf16, peers_unsloth_profile_fp16, bench_attention, bench_attention_odd, peers_unsloth_unmasked_bf16, peers_unsloth_unmasked_fp16, peers_unsloth_default_bf16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_fused_lora_bf16, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_unsloth_profile_bf16, peers_unsloth_profile_fp16, bench_attention, bench_attention_odd, peers_unsloth_unmasked_bf16, peers_unsloth_unmasked_fp16, peers_unsloth_default_bf16, peers_t4_kernels, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-qwen25-7b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
 #                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled,
 #                                               rehearse-8b-compiled-x2 rehearse-8b-compiled-long-x2
-#                                               rehearse-8b-compiled-300, rehearse-8b-padding-mask-300 (two GPUs,
+#                                               rehearse-8b-compiled-300, rehearse-8b-padding-mask-300, rehearse-8b-t4-kernels-240 (two GPUs,
 #                                               one run each)
 #   bash experiments/run_gpu.sh gpu-tests        # the tests skipped in CI for want of a GPU (.whl-test/ carried)
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
@@ -159,6 +159,11 @@ rehearse_both rehearse-8b-compiled-300 420 2 --compile-norms rehearsal_compiled_
 # The same length with the training steps' padding mask given (the old call, on GPU 0) and not (the default, GPU 1)
 rehearse_both rehearse-8b-padding-mask-300 420 2 --padding-mask rehearsal_padding_mask_300 --model 8b --level safe \
     --precision fp16 --parallel off --folds 4 --train-rows 1600 --test-rows 100
+# On a T4's kernels (SDPA's flash off: memory-efficient and math only), masked (GPU 0, the T4's call until now) and
+# unmasked with the key/value heads repeated (GPU 1, helpers.unmasked_attention's choice there); 4 folds of 60 steps,
+# for the vision attention's slower kernel to fit the call
+rehearse_both rehearse-8b-t4-kernels-240 420 2 --padding-mask rehearsal_t4_kernels_240 --model 8b --level safe \
+    --precision fp16 --parallel off --folds 4 --train-rows 1280 --test-rows 100 --flash off
 # nvidia-h200-x2: the two models that need both GPUs, one call each (a random checkpoint builds in about 60 s before
 # the timeout starts); the 16-bit checkpoint (54 and 70 GB) is removed after, for the RAM disk's sake
 for model in qwen3.5-27b qwen3.6-35b-a3b; do
@@ -410,6 +415,11 @@ for precision in bf16 fp16; do
         --worker-timeout 220 --loader --profile --project-ways default,masked-attention,reentrant-offload \
         --unsloth-site /tmp/site-unsloth
 done
+# A T4's attention on the H200 (SDPA's flash off): the training batches masked, as a T4 ran them, and unmasked with
+# the key/value heads repeated (the default there since), beside the default with flash; fp16, profiled, 4-5 minutes.
+run peers_t4_kernels 330 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 14 \
+    --rows 256 --micro-batches 16 --score-rows 32 --loader --profile \
+    --project-ways default,t4-kernels,t4-kernels-masked
 # The same, unprofiled, the default and Unsloth only, for the device time a session's end leaves: about 5 minutes.
 run peers_unsloth_default_bf16 330 experiments/bench_peers.py --model 8b --precisions bf16 --tools project,unsloth \
     --steps 14 --rows 256 --micro-batches 16 --score-rows 16 --generate-rows 1 --worker-timeout 200 --loader \

@@ -232,39 +232,107 @@ def test_padding_changes_no_answer_loss(arch, masked, tiny_model_dirs, tmp_path,
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
 
 
-def test_the_padding_mask_is_kept_where_sdpa_has_no_fused_kernel_for_the_unmasked_call(monkeypatch, tiny_model_dirs):
+def fake_gpu_model(dtype, text):
+    """What unmasked_attention and padding_mask_needed read of a model: its embeddings' device and dtype, its text
+    config."""
+    weight = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
+    return types.SimpleNamespace(
+        get_input_embeddings=lambda: types.SimpleNamespace(weight=weight),
+        config=types.SimpleNamespace(get_text_config=lambda: text),
+    )
+
+
+def test_the_unmasked_attention_is_the_one_a_fused_kernel_takes(monkeypatch, tiny_model_dirs):
+    """Asked of torch for the model's device, dtype and heads: grouped-query (flash) first, then the heads repeated
+    (memory-efficient), else none, and then the mask stays; a model whose attention is not the named one keeps it."""
     asked = []
 
     def fused(device, dtype, heads, kv_heads, head_dim):
         asked.append((device.type, dtype, heads, kv_heads, head_dim))
-        return dtype != torch.float32  # as on an H200: flash for 16 bits, nothing fused for fp32
+        if dtype == torch.bfloat16:  # an H200: flash takes grouped-query attention in 16 bits
+            return True
+        return dtype == torch.float16 and heads == kv_heads  # a T4: only the memory-efficient kernel, heads repeated
 
     monkeypatch.setattr(helpers, "fused_unmasked_attention", fused)
-    for dtype, needed in ((torch.bfloat16, False), (torch.float32, True)):
-        for text, head_dim in (
-            (types.SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, head_dim=128), 128),  # Qwen3-VL-8B
-            (types.SimpleNamespace(num_attention_heads=28, num_key_value_heads=4, hidden_size=3584), 128),  # 2.5-VL-7B
-        ):
-            weight = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
-            model = types.SimpleNamespace(
-                get_input_embeddings=lambda weight=weight: types.SimpleNamespace(weight=weight),
-                config=types.SimpleNamespace(get_text_config=lambda text=text: text),
+    qwen3_vl_8b = types.SimpleNamespace(num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    qwen2_5_vl_7b = types.SimpleNamespace(num_attention_heads=28, num_key_value_heads=4, hidden_size=3584)
+    for dtype, attention, questions in (
+        (torch.bfloat16, "sdpa", 1),
+        (torch.float16, helpers.SDPA_KV_REPEATED, 2),
+        (torch.float32, None, 2),
+    ):
+        for text, head_dim in ((qwen3_vl_8b, 128), (qwen2_5_vl_7b, 128)):
+            asked.clear()
+            model = fake_gpu_model(dtype, text)
+            assert helpers.unmasked_attention(model) == attention
+            heads = text.num_attention_heads
+            assert (
+                asked
+                == [
+                    ("cuda", dtype, heads, text.num_key_value_heads, head_dim),
+                    ("cuda", dtype, heads, heads, head_dim),
+                ][:questions]
             )
-            assert helpers.padding_mask_needed(model) is needed
-            assert asked[-1] == ("cuda", dtype, text.num_attention_heads, text.num_key_value_heads, head_dim)
+            for runs in ("sdpa", helpers.SDPA_KV_REPEATED):
+                text._attn_implementation = runs
+                assert helpers.padding_mask_needed(model) is (runs != attention)
+    asked.clear()
     cpu_model, _ = helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, Path("/tmp")))
-    assert not helpers.padding_mask_needed(cpu_model) and len(asked) == 4  # a CPU takes either call: nothing asked
+    assert cpu_model.config.get_text_config()._attn_implementation == "sdpa"
+    assert not helpers.padding_mask_needed(cpu_model) and not asked  # a CPU takes either call: nothing asked
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_repeated_heads_attention_gives_sdpa_s_losses_and_scores(
+    arch, tiny_model_dirs, tmp_path, sample_data, monkeypatch
+):
+    """Where the loader picks the attention with the key/value heads repeated (a T4), the language model runs it, the
+    vision encoder keeps SDPA, and a right-padded batch without the mask has transformers' SDPA loss and gradient;
+    scoring's masked, left-padded batches score the same."""
+    cfg = cfg_for(arch, tiny_model_dirs, tmp_path)
+    reference, processor = trainable_lora_model(cfg)
+    monkeypatch.setattr(helpers, "unmasked_attention", lambda model: helpers.SDPA_KV_REPEATED)
+    repeated, _ = trainable_lora_model(cfg)
+    assert repeated.config.get_text_config()._attn_implementation == helpers.SDPA_KV_REPEATED
+    assert repeated.config.vision_config._attn_implementation == "sdpa"
+    assert not helpers.padding_mask_needed(repeated)
+    rows = sample_data[0].head(4)
+    batch = one_batch(processor, rows)
+    assert not batch["attention_mask"].all()  # padded: the pads stay out by causality alone
+    losses, grads = [], []
+    for model in (reference, repeated):
+        model.zero_grad()
+        torch.manual_seed(0)  # the same LoRA dropout
+        loss = helpers.answer_loss_sum(model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(flat_grad(model))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    scores = [helpers.letter_log_probs(model.eval(), processor, rows, cfg) for model in (reference, repeated)]
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch answers for a GPU's kernels")
 def test_sdpa_trains_the_unmasked_call_of_every_family_in_16_bits_on_this_gpu():
-    """On the GPU machine (sm90): flash takes Qwen3-VL's heads (128) and Qwen3.5's (256) in both 16-bit dtypes; fp32
-    has no fused kernel for it, so the mask stays there."""
+    """On the GPU machine (sm90): flash takes Qwen3-VL's heads (128) and Qwen3.5's (256) grouped-query in both 16-bit
+    dtypes; fp32 has no fused kernel for that, but the memory-efficient one takes it with the heads repeated; and with
+    flash off, as on a T4, so does fp16."""
     cuda = torch.device("cuda", 0)
     for dtype in (torch.float16, torch.bfloat16):
         assert helpers.fused_unmasked_attention(cuda, dtype, 32, 8, 128)  # Qwen3-VL-8B
         assert helpers.fused_unmasked_attention(cuda, dtype, 16, 4, 256)  # Qwen3.5-4B
     assert not helpers.fused_unmasked_attention(cuda, torch.float32, 32, 8, 128)
+    assert helpers.fused_unmasked_attention(cuda, torch.float32, 32, 32, 128)
+    helpers.fused_unmasked_attention.cache_clear()
+    try:
+        torch.backends.cuda.enable_flash_sdp(False)
+        for heads, kv_heads, head_dim in ((32, 8, 128), (16, 4, 256)):
+            assert not helpers.fused_unmasked_attention(cuda, torch.float16, heads, kv_heads, head_dim)
+            assert helpers.fused_unmasked_attention(cuda, torch.float16, heads, heads, head_dim)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
+        helpers.fused_unmasked_attention.cache_clear()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
