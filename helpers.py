@@ -1500,9 +1500,8 @@ def load_model_and_processor(cfg: Config):
     model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
     print(f"vision attention batched over images in {batch_vision_attention(model)} layers")
     attention = use_unmasked_attention(model)
-    print(
-        f"language model attention {attention}: training batches {'with' if padding_mask_needed(model) else 'without'} the padding mask"
-    )
+    masked = "with" if padding_mask_needed(model) else "without"
+    print(f"language model attention {attention}: training batches {masked} the padding mask")
     if dtype == torch.float16 and cfg.fp32_islands and family.fp32_modules:
         print(f"{compute_in_fp32(model, family.fp32_modules)} {'/'.join(family.fp32_modules)} modules compute in fp32")
     model.requires_grad_(False)
