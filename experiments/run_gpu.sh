@@ -449,7 +449,8 @@ run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --pre
 if [[ " $selected " == *" gpu-tests "* ]]; then
     echo "== gpu-tests ($((SECONDS - started)) s elapsed)"
     timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_offloaded_checkpointing.py \
-        tests/test_compiled_norms.py tests/test_model.py::test_sdpa_trains_the_unmasked_call_of_every_family_in_16_bits_on_this_gpu 2>&1 |
+        tests/test_compiled_norms.py tests/test_model.py::test_sdpa_trains_the_unmasked_call_of_every_family_in_16_bits_on_this_gpu \
+        tests/test_model.py::test_on_a_t4_s_kernels_the_repeated_heads_train_as_the_masked_call 2>&1 |
         tee "$OUT/gpu-tests.log" | tail -n 8
     [[ ${PIPESTATUS[0]} -eq 0 ]] || failures+=("gpu-tests")
 fi

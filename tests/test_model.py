@@ -335,6 +335,41 @@ def test_sdpa_trains_the_unmasked_call_of_every_family_in_16_bits_on_this_gpu():
         helpers.fused_unmasked_attention.cache_clear()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU's SDPA kernels")
+def test_on_a_t4_s_kernels_the_repeated_heads_train_as_the_masked_call(
+    tiny_model_dirs, tmp_path, sample_data, monkeypatch
+):
+    """With SDPA's flash off (a T4 has none), the loader gives the language model the repeated heads, and a right-padded
+    fp16 batch trains on the memory-efficient kernel alone (no fallback to math allowed) to the masked call's loss and
+    gradient."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.backends.cuda.enable_flash_sdp(False)
+    helpers.fused_unmasked_attention.cache_clear()
+    try:
+        model, processor = trainable_lora_model(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path, precision="fp16"))
+        assert model.config.get_text_config()._attn_implementation == helpers.SDPA_KV_REPEATED
+        assert not helpers.padding_mask_needed(model)
+        batch = one_batch(processor, sample_data[0].head(4))
+        autocast = helpers.autocast_context(torch.device("cuda"), torch.float16)
+        losses, grads = [], []
+        for masked in (True, False):
+            monkeypatch.setattr(helpers, "padding_mask_needed", lambda model, masked=masked: masked)
+            model.zero_grad()
+            torch.manual_seed(0)  # the same LoRA dropout
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), autocast():
+                loss = helpers.answer_loss_sum(model, batch)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(flat_grad(model))
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
+        helpers.fused_unmasked_attention.cache_clear()
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-2, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_vision_attention_equals_image_by_image(arch, tiny_model_dirs, tmp_path):
     model, processor = helpers.load_model_and_processor(cfg_for(arch, tiny_model_dirs, tmp_path))
