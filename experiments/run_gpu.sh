@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_fused_lora_bf16, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_unsloth_profile_bf16, peers_unsloth_profile_fp16, bench_attention, bench_attention_odd, peers_unsloth_unmasked_bf16, peers_unsloth_unmasked_fp16, peers_unsloth_default_bf16, peers_t4_kernels, peers_liger_bf16, peers_liger_fp16, peers_liger_qwen35, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_fused_lora_bf16, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_unsloth_profile_bf16, peers_unsloth_profile_fp16, bench_attention, bench_attention_odd, peers_unsloth_unmasked_bf16, peers_unsloth_unmasked_fp16, peers_unsloth_default_bf16, peers_t4_kernels, peers_liger_bf16, peers_liger_fp16, peers_liger_qwen35, peers_unsloth_liger_bf16, peers_unsloth_liger_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-qwen25-7b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
@@ -426,6 +426,13 @@ done
 run peers_liger_qwen35 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project \
     --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --worker-timeout 120 --loader --profile \
     --project-ways default,liger,compiled-norms
+# Liger's kernels beside Unsloth in one call, unprofiled: the default, with Liger's kernels, and with them and LoRA
+# dropout 0 (Unsloth's settings), then Unsloth; about 7-8 minutes each (all three wheel folders carried)
+for precision in bf16 fp16; do
+    run "peers_unsloth_liger_$precision" 540 experiments/bench_peers.py --model 8b --precisions $precision \
+        --tools project,unsloth --steps 14 --rows 256 --micro-batches 16 --score-rows 16 --generate-rows 1 \
+        --worker-timeout 220 --loader --project-ways default,liger,liger-no-dropout --unsloth-site /tmp/site-unsloth
+done
 # A T4's attention on the H200 (SDPA's flash off): the training batches masked, as a T4 ran them, and unmasked with
 # the key/value heads repeated (the default there since), beside the default with flash; fp16, profiled, 4-5 minutes.
 run peers_t4_kernels 330 experiments/bench_peers.py --model 8b --precisions fp16 --tools project --steps 14 \
