@@ -738,9 +738,17 @@ def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     return a[key] / b[key]
 
 
+def per_step_ratio(a: dict | None, b: dict | None) -> float | None:
+    """b's median timed step over a's: a's speed over b's once both have compiled (Unsloth recompiles in its first
+    steps, which its samples/s over a short run counts; over a fold of hundreds of steps the median decides)."""
+    if not a or not b or not a.get("step_s") or not b.get("step_s"):
+        return None
+    return statistics.median(b["step_s"]) / statistics.median(a["step_s"])
+
+
 def ratios(runs: dict) -> dict:
     """Project / peer within this run: training samples/s at the project's micro-batch and at the peer's (equal
-    memory), scoring rows/s, and peak training memory (below 1: the project uses less)."""
+    memory), per step (medians), scoring rows/s, and peak training memory (below 1: the project uses less)."""
     project = runs.get("project", {})
     out = {}
     for name, peer in runs.items():
@@ -749,6 +757,7 @@ def ratios(runs: dict) -> dict:
         same_micro = project.get(f"train_mb{peer['micro_batch']}")
         out[name] = {
             "train_speed": ratio(project.get("train"), peer["train"], "samples_per_s"),
+            "train_speed_per_step": per_step_ratio(project.get("train"), peer["train"]),
             "train_speed_at_peer_micro_batch": ratio(same_micro, peer["train"], "samples_per_s"),
             "train_peak_memory": ratio(project.get("train"), peer["train"], "peak_gib"),
             "train_peak_memory_at_peer_micro_batch": ratio(same_micro, peer["train"], "peak_gib"),
@@ -758,6 +767,7 @@ def ratios(runs: dict) -> dict:
         if name.startswith("project,") and "train" in other:
             out[name] = {
                 "train_speed": ratio(project.get("train"), other["train"], "samples_per_s"),
+                "train_speed_per_step": per_step_ratio(project.get("train"), other["train"]),
                 "train_peak_memory": ratio(project.get("train"), other["train"], "peak_gib"),
             }
     return out
@@ -776,8 +786,9 @@ def table(results: dict) -> list[dict]:
                 row.update({"train samples/s": train["samples_per_s"], "train peak GiB": train["peak_gib"]})
                 if key == "train" and "score" in run:
                     row.update({"score rows/s": run["score"]["rows_per_s"], "score peak GiB": run["score"]["peak_gib"]})
-                if "profile" in train:  # the median timed step against the profiled step's kernel time
+                if train.get("step_s"):
                     row["median step s"] = statistics.median(train["step_s"])
+                if "profile" in train:  # the profiled step's kernel time, against the median timed step
                     row["GPU busy s"] = train["profile"]["gpu_busy_s"]
                 row["status"] = run.get("status")
                 rows.append(row)
