@@ -346,8 +346,9 @@ def find_local_model(model_id: str, roots: tuple[str, ...] = ("/kaggle/input",))
 # (more vision tokens), train a larger adapter and score more rotations, and need more memory and time. If a run dies
 # with out-of-memory, step one level down. Where the weights go does not depend on the level: plan_device_map puts
 # them on as few GPUs as hold them with ACTIVATION_RESERVE_GIB to spare on each.
-# `tta_rotations` multiplies inference time (each fold scores its validation rows and the test set once per
-# rotation): `safe` already spends a Kaggle session on training, so it scores once; raise it if time is left.
+# `tta_rotations` multiplies inference time (each fold scores the test set once per rotation, and its validation rows
+# once per rotation after the first, which its validation pass scored): `safe` already spends a Kaggle session on
+# training, so it scores once; raise it if time is left.
 MEMORY_LEVELS = {
     "safe": dict(image_size=384, lora_r=8, batch_size=1, grad_accum=16, tta_rotations=1),
     "balanced": dict(image_size=448, lora_r=12, batch_size=1, grad_accum=12, tta_rotations=2),
@@ -2431,7 +2432,8 @@ class TimeBudget:
     """When training must stop so that scoring the folds started so far, and the submission, still fit."""
 
     cfg: Config
-    rows_per_member: int  # rows a fold model scores: its validation and the test rows per rotation, and the prior's
+    rows_per_member: int  # rows a fold model scores: test rows per rotation, validation rows per rotation but the
+    # first (its last validation pass scored them: VAL_SCORES), and the prior's
     val_rows: int  # rows validated at the end of each epoch
     members: int = 0  # folds started so far: each is scored after training
     folds_left: int = 0  # folds still to train, the current one included (for the whole-run estimate)
@@ -2440,7 +2442,8 @@ class TimeBudget:
     @classmethod
     def for_run(cls, cfg: Config, folds: pd.DataFrame, test: pd.DataFrame) -> TimeBudget:
         val_rows = math.ceil(len(folds) / cfg.n_folds)
-        return cls(cfg, (val_rows + len(test)) * cfg.tta_rotations + 4 * cfg.debias_samples, val_rows)
+        rows = val_rows * (cfg.tta_rotations - 1) + len(test) * cfg.tta_rotations + 4 * cfg.debias_samples
+        return cls(cfg, rows, val_rows)
 
     def seconds_left(self) -> float:
         return SESSION_START + self.cfg.time_budget_hours * 3600 - now()
@@ -2781,7 +2784,8 @@ def validate(run: FoldRun, state: TrainState, val_df: pd.DataFrame) -> None:
     )
     if (metrics["val_acc"], -metrics["val_loss"]) > (state.best_accuracy, -state.best_loss):
         state.best_accuracy, state.best_loss = metrics["val_acc"], metrics["val_loss"]
-        save_adapter(run.model, run.fold_dir / "best_adapter")
+        fingerprint = json.dumps(val_scores_fingerprint(run.cfg, val_df))
+        save_adapter(run.model, run.fold_dir / "best_adapter", {"log_probs": log_probs, "fingerprint": fingerprint})
 
 
 def end_epoch(run: FoldRun, state: TrainState) -> None:
@@ -2888,12 +2892,15 @@ def bind_fold(cfg: Config, folds_print: dict, fold: int) -> None:
         atomic_write_text(path, json.dumps(adapter_fingerprint(cfg, folds_print, fold), indent=2))
 
 
-def save_adapter(model, path: Path) -> None:
-    """Adapter weights only (a few MB), replaced atomically."""
+def save_adapter(model, path: Path, val_scores: dict | None = None) -> None:
+    """Adapter weights only (a few MB), replaced atomically; with `val_scores`, its validation pass's scores saved
+    beside them in the same step (VAL_SCORES), so that they always belong to these weights."""
     check_finite({k: v for k, v in model.named_parameters() if v.requires_grad}, path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
+    if val_scores is not None:
+        np.savez(tmp / VAL_SCORES, **val_scores)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -3144,9 +3151,14 @@ def cyclic_orders(n: int) -> list[tuple[int, ...]]:
     return [tuple((shift + i) % 4 for i in range(4)) for shift in range(0, 4, 4 // n)]
 
 
-def score_orders(model, processor, df: pd.DataFrame, cfg: Config, orders: list[tuple[int, ...]]) -> np.ndarray:
-    """[len(orders), N, 4] letter-position log-probabilities, one pass over the rows per order."""
-    return np.stack([position_log_probs(model, processor, df, cfg, order) for order in orders])
+def score_orders(
+    model, processor, df: pd.DataFrame, cfg: Config, orders: list[tuple[int, ...]], known: dict | None = None
+) -> np.ndarray:
+    """[len(orders), N, 4] letter-position log-probabilities, one pass over the rows for each order whose scores are
+    not `known` already ({order: [N, 4]})."""
+    known = known or {}
+    scored = [known[o] if o in known else position_log_probs(model, processor, df, cfg, o) for o in orders]
+    return np.stack(scored)
 
 
 def estimate_prior(scores: np.ndarray, orders: list[tuple[int, ...]]) -> np.ndarray:
@@ -3253,8 +3265,10 @@ def score_member(base_model, processor, name: str, folds: pd.DataFrame, test: pd
     adapter = None if name == "zeroshot" else trained_dir(cfg, int(name[4:])) / "best_adapter"
     model = base_model if adapter is None else load_adapter(base_model, adapter)
     prior = fit_prior(model, processor, test, cfg)
+    rows = val_rows(name, folds)
+    validated = {} if adapter is None else validation_scores(adapter, rows, cfg)
     saved = {
-        "oof": score_orders(model, processor, val_rows(name, folds), cfg, orders),
+        "oof": score_orders(model, processor, rows, cfg, orders, known=validated),
         "test": score_orders(model, processor, test, cfg, orders),
         "prior": np.zeros(0) if prior is None else prior,
         "orders": np.array(orders),
@@ -3264,6 +3278,38 @@ def score_member(base_model, processor, name: str, folds: pd.DataFrame, test: pd
         detach_lora(model)  # the base model, as it came (unload restores it in place)
     atomic_write(scores_file, lambda file: np.savez(file, **saved))
     return saved
+
+
+# The validation pass after each epoch scores a fold's validation rows, its out-of-fold rows, in their original order;
+# the adapter it keeps as best_adapter is the one predict_folds scores them with again. So the best adapter's folder
+# also holds that pass's scores (validate, save_adapter), and score_member takes them instead of a second pass: the
+# out-of-fold rows were about two thirds of the scoring after training at `safe` (400 of each fold's 628 rows scored in
+# the rehearsal: 400 validation, 100 test, 4 x 32 for the letter prior).
+VAL_SCORES = "val_scores.npz"
+
+
+def val_scores_fingerprint(cfg: Config, rows: pd.DataFrame) -> dict:
+    """What a validation pass's scores are made from besides the adapter saved with them: the rows, the model, the
+    image size, and the dtype it computed in (a fold predicted on another GPU may compute in another)."""
+    fields = config_fields(cfg, ("model_id", "quantize_vision", "image_size"))
+    return {"rows scored": data_hash(rows), "compute dtype": str(compute_dtype(cfg.precision)), **fields}
+
+
+def validation_scores(adapter: Path, rows: pd.DataFrame, cfg: Config) -> dict:
+    """{the original order: [N, 4] scores} of `rows` from the validation pass saved with `adapter`, where it scored
+    them as `cfg` would now; {} where it did not (an adapter saved by an older version, other rows or settings)."""
+    path = adapter / VAL_SCORES
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path) as stored:
+            scores, fingerprint = stored["log_probs"], json.loads(str(stored["fingerprint"]))
+    except Exception as error:  # numpy raises BadZipFile, EOFError, OSError, ValueError or KeyError
+        print(f"{path} is unreadable ({error}): scoring {adapter.parent.name}'s validation rows again")
+        return {}
+    if fingerprint != val_scores_fingerprint(cfg, rows) or scores.shape != (len(rows), 4):
+        return {}
+    return {(0, 1, 2, 3): scores}
 
 
 def saved_scores(path: Path, fingerprint: dict) -> dict | None:

@@ -146,9 +146,10 @@ def scorer(tmp_path, sample_data, monkeypatch):
     (adapter / "adapter_model.safetensors").write_bytes(b"weights after epoch 3")
     scored = []
 
-    def score_orders(model, processor, df, cfg, orders):
-        scored.append(len(df))
-        return np.zeros((len(orders), len(df), 4))
+    def score_orders(model, processor, df, cfg, orders, known=None):
+        known = known or {}
+        scored.extend(len(df) for order in orders if order not in known)
+        return np.stack([known[o] if o in known else np.zeros((len(df), 4)) for o in orders])
 
     monkeypatch.setattr(helpers, "load_adapter", lambda base, path: "model with adapter")
     monkeypatch.setattr(helpers, "detach_lora", lambda model: "base model")
@@ -159,6 +160,8 @@ def scorer(tmp_path, sample_data, monkeypatch):
         before = len(scored)
         saved = helpers.score_member(None, None, "fold0", folds, test, cfg)
         assert saved["oof"].shape == (cfg.tta_rotations, (folds["fold"] == 0).sum(), 4)
+        score.passes = scored[before:]  # the rows of each pass it made
+        score.saved = saved
         return len(scored) > before
 
     return cfg, score
@@ -215,6 +218,58 @@ def test_scores_from_before_fingerprints_are_made_again(scorer, capsys):
     np.savez(path, **old)
     assert score()
     assert "no fingerprint" in capsys.readouterr().out
+
+
+def save_validation_scores(cfg, rows, scores, fingerprint=None):
+    """What validate saves beside a best adapter: the validation pass's scores of `rows` and their fingerprint."""
+    fingerprint = fingerprint or helpers.val_scores_fingerprint(cfg, rows)
+    path = cfg.fold_dir(0) / "best_adapter" / helpers.VAL_SCORES
+    np.savez(path, log_probs=scores, fingerprint=json.dumps(fingerprint))
+    return path
+
+
+def test_the_validation_pass_s_scores_stand_for_the_original_order(scorer, sample_data):
+    """The out-of-fold rows' scores in their original order come from the validation pass saved with the adapter:
+    of the smoke profile's four orders, three are scored for them (and four for the test rows)."""
+    cfg, score = scorer
+    folds = helpers.make_folds(sample_data[0], cfg.n_folds, cfg.seed)
+    rows = folds[folds["fold"] == 0]
+    validated = np.random.default_rng(0).normal(size=(len(rows), 4)).astype(np.float32)
+    save_validation_scores(cfg, rows.reset_index(drop=True), validated)  # as validate has them: index reset
+    assert score()
+    assert score.passes == [len(rows)] * 3 + [len(sample_data[1])] * 4
+    np.testing.assert_array_equal(score.saved["oof"][0], validated)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda cfg, rows: {"rows": rows.head(len(rows) - 1)},  # other rows (a fold made otherwise)
+        lambda cfg, rows: {"fingerprint": {**helpers.val_scores_fingerprint(cfg, rows), "image_size": 999}},
+        lambda cfg, rows: {"fingerprint": {**helpers.val_scores_fingerprint(cfg, rows), "compute dtype": "fp16"}},
+    ],
+    ids=["other rows", "other image size", "other compute dtype"],
+)
+def test_validation_scores_of_other_rows_or_settings_are_not_taken(scorer, sample_data, change):
+    cfg, score = scorer
+    folds = helpers.make_folds(sample_data[0], cfg.n_folds, cfg.seed)
+    rows = folds[folds["fold"] == 0]
+    changed = change(cfg, rows)
+    saved_rows = changed.get("rows", rows)
+    save_validation_scores(cfg, saved_rows, np.ones((len(saved_rows), 4)), changed.get("fingerprint"))
+    assert score()
+    assert score.passes == [len(rows)] * 4 + [len(sample_data[1])] * 4
+
+
+def test_unreadable_validation_scores_are_scored_again(scorer, sample_data, capsys):
+    cfg, score = scorer
+    folds = helpers.make_folds(sample_data[0], cfg.n_folds, cfg.seed)
+    rows = folds[folds["fold"] == 0]
+    path = save_validation_scores(cfg, rows, np.ones((len(rows), 4)))
+    path.write_bytes(path.read_bytes()[:100])
+    assert score()
+    assert score.passes == [len(rows)] * 4 + [len(sample_data[1])] * 4
+    assert f"{path} is unreadable" in capsys.readouterr().out
 
 
 # -- checkpoints and result.json ---------------------------------------------------------------------------------------

@@ -51,6 +51,29 @@ def test_fit_trains_validates_and_keeps_the_best_adapter(small):
     assert [p.name for p in helpers.checkpoint_paths(fold_dir)] == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_the_out_of_fold_scores_are_the_best_adapter_s_validation_pass(small, sample_data, monkeypatch):
+    """The best adapter's folder holds its validation pass's scores, which predict_folds takes for the out-of-fold
+    rows in their original order: the same numbers as scoring them again with that adapter, one pass fewer."""
+    cfg, folds, model, processor = small
+    cfg.tta_rotations = 1
+    test = sample_data[1].head(6)
+    helpers.train_folds(model, processor, folds, test, cfg)
+    rescored = {}
+    for fold in (0, 1):
+        adapted = helpers.load_adapter(model, cfg.fold_dir(fold) / "best_adapter")
+        rescored[fold] = helpers.position_log_probs(adapted, processor, folds[folds["fold"] == fold], cfg)
+        helpers.detach_lora(adapted)
+    passes = []
+    real = helpers.position_log_probs
+    monkeypatch.setattr(
+        helpers, "position_log_probs", lambda m, p, df, *a, **k: passes.append(len(df)) or real(m, p, df, *a, **k)
+    )
+    predictions = helpers.predict_folds(model, processor, folds, test, cfg)
+    assert passes and set(passes) == {len(test)}  # the test rows and the prior's (drawn from them), no fold's rows
+    for fold in (0, 1):
+        np.testing.assert_allclose(predictions[f"fold{fold}"]["oof_scores"][0], rescored[fold], atol=1e-5)
+
+
 def test_train_folds_skips_finished_folds(small, sample_data, capsys, monkeypatch):
     cfg, folds, model, processor = small
     cfg.epochs = 1
@@ -431,7 +454,8 @@ class FakeClock:
 def test_the_time_budget_always_leaves_a_submission(
     small, sample_data, tmp_path, monkeypatch, capsys, budget_s, fold1_steps
 ):
-    """2 folds x 2 epochs x 2 steps of 100 s; validation 12 rows, scoring 88 rows per fold at 1 s a row."""
+    """2 folds x 2 epochs x 2 steps of 100 s; validation 12 rows, scoring 76 rows per fold at 1 s a row
+    (its validation rows in their original order come from its last validation pass)."""
     cfg, folds, model, processor = small
     cfg.debias_samples, cfg.time_budget_hours = 4, budget_s / 3600
     test = sample_data[1].head(6)
@@ -456,7 +480,7 @@ def test_the_time_budget_always_leaves_a_submission(
 def test_a_fold_resumed_in_the_same_session_goes_on_as_time_allows(small, sample_data, monkeypatch, capsys):
     """The notebook re-run after an interrupt, in the same session (its clock goes on): a fold with an epoch done
     resumes if scoring it fits, where it was refused for want of a whole epoch's time and left out of the
-    submission. 2 folds x 2 epochs x 2 steps of 100 s, scoring 88 rows a fold at 1 s a row; 250 s left."""
+    submission. 2 folds x 2 epochs x 2 steps of 100 s, scoring 76 rows a fold at 1 s a row; 250 s left."""
     cfg, folds, model, processor = small
     cfg.debias_samples, cfg.time_budget_hours = 4, 10_000 / 3600
     test = sample_data[1].head(6)
@@ -475,7 +499,7 @@ def test_a_fold_resumed_in_the_same_session_goes_on_as_time_allows(small, sample
     assert (cfg.fold_dir(1) / "best_adapter").is_dir() and not helpers.fold_is_trained(cfg, 1)
 
     monkeypatch.setattr(helpers, "accumulate_gradients", timed_step)
-    clock.t = helpers.SESSION_START + 10_000 - 250  # enough to score both folds (176 s), not for an epoch more
+    clock.t = helpers.SESSION_START + 10_000 - 250  # enough to score both folds (152 s), not for an epoch more
     results = helpers.train_folds(model, processor, folds, test, cfg)
     assert "resuming at epoch 1" in capsys.readouterr().out
     assert list(results["fold"]) == [0, 1] and results.set_index("fold").loc[1, "stopped_for_time"]
