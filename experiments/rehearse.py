@@ -202,6 +202,13 @@ def main() -> None:
         "(helpers.unmasked_attention), or masked with --padding-mask on",
     )
     parser.add_argument(
+        "--rescore-validation",
+        choices=("on", "off"),
+        default="off",
+        help="on: inference scores each fold's validation rows again, as before the best adapter kept its validation "
+        "pass's scores (helpers.validation_scores; --parallel off only); off: they are taken from it",
+    )
+    parser.add_argument(
         "--prepare-only",
         action="store_true",
         help="build the checkpoint and data, then stop (run it "
@@ -237,6 +244,12 @@ def main() -> None:
             raise SystemExit("--padding-mask on needs --parallel off: folds side by side train in processes of theirs")
         helpers.padding_mask_needed = lambda model: True
         name += " padding-mask=on"
+    # Runs named without "rescore-validation=on" scored the validation rows again until 89413fd; they are taken since
+    if args.rescore_validation == "on":
+        if parallel is not False:
+            raise SystemExit("--rescore-validation on needs --parallel off: side by side, folds score in processes")
+        helpers.validation_scores = lambda adapter, rows, cfg: {}
+        name += " rescore-validation=on"
     if args.flash == "off":
         if parallel is not False:
             raise SystemExit("--flash off needs --parallel off: folds side by side train in processes of theirs")

@@ -8,7 +8,7 @@
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
 #                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled,
 #                                               rehearse-8b-compiled-x2 rehearse-8b-compiled-long-x2
-#                                               rehearse-8b-compiled-300, rehearse-8b-padding-mask-300, rehearse-8b-t4-kernels-240 (two GPUs,
+#                                               rehearse-8b-compiled-300, rehearse-8b-padding-mask-300, rehearse-8b-t4-kernels-240, rehearse-8b-val-scores-240 (two GPUs,
 #                                               one run each)
 #   bash experiments/run_gpu.sh gpu-tests        # the tests skipped in CI for want of a GPU (.whl-test/ carried)
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
@@ -164,6 +164,10 @@ rehearse_both rehearse-8b-padding-mask-300 420 2 --padding-mask rehearsal_paddin
 # for the vision attention's slower kernel to fit the call
 rehearse_both rehearse-8b-t4-kernels-240 420 2 --padding-mask rehearsal_t4_kernels_240 --model 8b --level safe \
     --precision fp16 --parallel off --folds 4 --train-rows 1280 --test-rows 100 --flash off
+# The validation rows scored again after training (GPU 0, as before 89413fd) and taken from the best adapter's
+# validation pass (GPU 1, helpers.validation_scores): the same 4 folds of 60 steps, fp16, flash as the H200 has it
+rehearse_both rehearse-8b-val-scores-240 420 2 --rescore-validation rehearsal_val_scores_240 --model 8b --level safe \
+    --precision fp16 --parallel off --folds 4 --train-rows 1280 --test-rows 100
 # nvidia-h200-x2: the two models that need both GPUs, one call each (a random checkpoint builds in about 60 s before
 # the timeout starts); the 16-bit checkpoint (54 and 70 GB) is removed after, for the RAM disk's sake
 for model in qwen3.5-27b qwen3.6-35b-a3b; do
