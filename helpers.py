@@ -3298,22 +3298,18 @@ def val_scores_fingerprint(cfg: Config, rows: pd.DataFrame) -> dict:
 def validation_scores(adapter: Path, rows: pd.DataFrame, cfg: Config) -> dict:
     """{the original order: [N, 4] scores} of `rows` from the validation pass saved with `adapter`, where it scored
     them as `cfg` would now; {} where it did not (an adapter saved by an older version, other rows or settings)."""
-    path = adapter / VAL_SCORES
-    if not path.exists():
-        return {}
-    try:
-        with np.load(path) as stored:
-            scores, fingerprint = stored["log_probs"], json.loads(str(stored["fingerprint"]))
-    except Exception as error:  # numpy raises BadZipFile, EOFError, OSError, ValueError or KeyError
-        print(f"{path} is unreadable ({error}): scoring {adapter.parent.name}'s validation rows again")
-        return {}
-    if fingerprint != val_scores_fingerprint(cfg, rows) or scores.shape != (len(rows), 4):
+    what = f"{adapter.parent.name}'s validation rows"
+    saved = saved_scores(adapter / VAL_SCORES, val_scores_fingerprint(cfg, rows), what)
+    scores = None if saved is None else saved.get("log_probs")
+    if scores is None or scores.shape != (len(rows), 4):
         return {}
     return {(0, 1, 2, 3): scores}
 
 
-def saved_scores(path: Path, fingerprint: dict) -> dict | None:
-    """The scores saved at `path` if they were made from what `fingerprint` describes; else None, saying why."""
+def saved_scores(path: Path, fingerprint: dict, what: str | None = None) -> dict | None:
+    """The scores saved at `path` if they were made from what `fingerprint` describes; else None, saying why and that
+    `what` (the member, path's folder) is scored again."""
+    what = what or path.parent.name
     if not path.exists():
         return None
     try:
@@ -3323,10 +3319,10 @@ def saved_scores(path: Path, fingerprint: dict) -> dict | None:
     except KeyError:
         changes = ["no fingerprint (made by an older version of this notebook)"]
     except Exception as error:  # numpy raises BadZipFile, EOFError, OSError or ValueError on a damaged file
-        print(f"{path} is unreadable ({error}): scoring {path.parent.name} again")
+        print(f"{path} is unreadable ({error}): scoring {what} again")
         return None
     if changes:
-        print(f"{path} was made from other inputs ({'; '.join(changes)}): scoring {path.parent.name} again")
+        print(f"{path} was made from other inputs ({'; '.join(changes)}): scoring {what} again")
         return None
     return saved
 
