@@ -442,6 +442,9 @@ class Config:
     compile_norms: bool = False  # True, on a GPU: fuse each RMSNorm and rotary embedding of the language model into
     # one kernel (torch.compile): a step 1.06-1.18x shorter on Qwen3-VL-8B, but compiling takes 10-15 s a process: the
     # whole notebook took longer at 120 steps a GPU (240 s against 226) and broke even at 300 (395 s against 399)
+    liger_kernels: bool = False  # True, on a GPU: Liger's Triton kernels (pip install liger-kernel) for the language
+    # model's RMSNorms, rotary embedding and SwiGLU, the same fusion built once a machine: 27% less GPU work and 0.5 GiB
+    # less a Qwen3-VL-8B step, 1.10x once built (Qwen3.5-4B 1.08x); not yet measured over the whole notebook
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -529,6 +532,8 @@ class Config:
             problems.append(f"debias_samples must be 0 (off) or positive, got {self.debias_samples}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.compile_norms and self.liger_kernels:
+            problems.append("compile_norms and liger_kernels fuse the same norms: choose one")
         if self.adapters_from and self.zero_shot:
             problems.append("adapters_from (predict with an earlier run's adapters) and zero_shot exclude each other")
         if problems:
@@ -1517,10 +1522,12 @@ def load_model_and_processor(cfg: Config):
     enable({"use_reentrant": cfg.reentrant_checkpointing})
     if cfg.offload_activations and torch.cuda.is_available():
         OffloadedCheckpointing(cfg.reentrant_checkpointing).install(model)
-    # Never on a CPU (the smoke profile, the tests): compiling would take longer than it saves.
+    # Never on a CPU (the smoke profile, the tests): compiling would take longer than it saves; Triton needs a GPU.
     norms = compile_norms(model, compiled=cfg.compile_norms and torch.cuda.is_available())
     if norms:
         print(f"{norms} RMSNorms and the rotary embedding compiled (torch.compile)")
+    if cfg.liger_kernels:
+        print(use_liger_kernels(model) if torch.cuda.is_available() else "liger_kernels: not on a CPU, norms eager")
     return model, processor
 
 
@@ -1777,7 +1784,7 @@ def use_unmasked_attention(model) -> str:
     return model.config.get_text_config()._attn_implementation
 
 
-# -- The language model's norms and rotary embedding compiled --------------------------------------------------------
+# -- The language model's norms and rotary embedding fused -------------------------------------------------------------
 # In eager PyTorch an RMSNorm is seven passes over the tokens in the forward (to fp32, square, mean, rsqrt, two
 # products, back to 16 bits) and more in the backward, and the rotary embedding six more over the queries and keys.
 # torch.compile fuses each into one kernel: on Qwen3-VL-8B (micro-batch 16, fp16, one H200) the training step took
@@ -1827,6 +1834,45 @@ def compile_norms(model, compiled: bool = True) -> int:
     for norm in norms:
         norm.compile(dynamic=True)
     return len(norms)
+
+
+# Liger's Triton kernels do the same fusion without torch.compile's graphs: each kernel is built once for a shape class
+# and cached on disk, so a fold's process pays for it once a machine, not once a process. On Qwen3-VL-8B (fp16,
+# micro-batch 16, one H200) they took 27% of the GPU's work and 0.5 GiB out of a step, more than compiling (19%, 0.2
+# GiB); steps 8-14 took 0.632 s against 0.697 (experiments/README, "Liger's kernels"). Config.liger_kernels: off until
+# the whole notebook has measured it.
+def use_liger_kernels(model) -> str:
+    """Liger's kernels bound to the language model (not the vision encoder), module by module as liger-kernel's own
+    apply_liger_kernel_to_<family> binds them: every RMSNorm (Qwen3.5's scaled by 1 + weight, in fp32), the rotary
+    embedding where the family applies the plain one (Qwen3-VL; Qwen3.5's partial and Qwen2.5-VL's multimodal ones stay
+    transformers'), and the SwiGLU of the dense MLPs. Not through those functions: liger-kernel 0.8.5's import output
+    classes that transformers 5.24 renamed. Says what it bound."""
+    try:
+        from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    except ImportError as error:
+        raise ImportError(f"Config.liger_kernels needs liger-kernel (pip install liger-kernel): {error}") from error
+    family = model.config.model_type
+    language = [m for n, m in model.named_modules() if VISION_ENCODER not in n]
+    norms = [m for m in language if type(m).__name__.endswith("RMSNorm")]
+    for norm in norms:
+        if family.startswith("qwen3_5"):
+            _patch_rms_norm_module(norm, offset=1.0, casting_mode="gemma", in_place=False)
+        else:
+            _patch_rms_norm_module(norm, casting_mode="llama")
+    silu = model.config.get_text_config().hidden_act in ("silu", "swish")
+    mlps = [m for m in language if silu and hasattr(m, "gate_proj") and hasattr(m, "up_proj")]
+    for mlp in mlps:
+        _patch_swiglu_module(mlp, LigerSwiGLUMLP)
+    rotary = family in ("qwen3_vl", "qwen3_vl_moe")
+    if rotary:  # looked up by name in the modeling module, as compile_norms replaces it; a later load puts it back
+        modeling = sys.modules[type(model).__module__]
+        EAGER_ROTARY.setdefault(modeling.__name__, modeling.apply_rotary_pos_emb)
+        modeling.apply_rotary_pos_emb = liger_rotary_pos_emb
+    return f"Liger's kernels: {len(norms)} RMSNorms, {len(mlps)} SwiGLU MLPs" + (
+        ", the rotary embedding" if rotary else ""
+    )
 
 
 # -- Layer inputs offloaded to the CPU on a stream of their own --------------------------------------------------------

@@ -44,12 +44,12 @@ the compute stream; the results made before name that way `reentrant-offload`, a
 (fuse_lora_products, a prototype), `fused-lora-no-dropout` with LoRA dropout 0 as well. `masked-attention` gives
 the model the training batch's padding mask, as every step did before training batches were right-padded, and as a T4
 does (helpers.padding_mask_needed); `rope-on-gpu` computes the rotary positions on the GPU, as the model did before
-helpers.rope_positions. `liger` puts Liger's Triton kernels (liger-kernel, as TRL's `use_liger_kernel` does) on
-the language model: its RMSNorm, and its rotary embedding or, for Qwen3.5, its SwiGLU; `liger-no-dropout` with LoRA
-dropout 0 as well. `t4-kernels` turns SDPA's flash kernel off before loading, as a T4 has none (its
-memory-efficient and math kernels left): the default then trains unmasked with the key/value heads repeated
-(helpers.unmasked_attention); `t4-kernels-masked` with the mask, a T4's way before. `--loader` feeds every way as
-`loader` does.
+helpers.rope_positions. `liger` puts Liger's Triton kernels (Config.liger_kernels; liger-kernel, as TRL's
+`use_liger_kernel` does) on the language model: its RMSNorms and SwiGLU MLPs and, for Qwen3-VL, its rotary embedding;
+`liger-no-dropout` with LoRA dropout 0 as well. `t4-kernels` turns SDPA's flash kernel off before loading, as a T4
+has none (its memory-efficient and math kernels left): the default then trains unmasked with the key/value heads
+repeated (helpers.unmasked_attention); `t4-kernels-masked` with the mask, a T4's way before. `--loader` feeds every
+way as `loader` does.
 
 `--profile` runs one more optimizer step after the timed ones under torch.profiler, for every tool (the peers' in
 their trainer, from after it collated the step's rows): the GPU's busy time, the kernels and the ops with the most GPU
@@ -201,14 +201,14 @@ PROJECT_WAYS = {
     "masked-attention": ("project, padding mask given to the attention (a T4's way)", {}, ("masked-attention",)),
     # helpers.rope_positions computes the rotary positions on the CPU since; before, the model did on the GPU.
     "rope-on-gpu": ("project, rotary positions computed on the GPU", {}, ("rope-on-gpu",)),
-    # Liger's Triton kernels (liger-kernel, TRL's use_liger_kernel) on the language model: its RMSNorm, and its rotary
-    # embedding (Qwen3-VL, Qwen2.5-VL) or its SwiGLU (Qwen3.5, which it gives no rotary kernel); compile_norms' fusion
-    # without torch.compile's cost a process (apply_liger_kernels)
-    "liger": ("project, Liger's RMSNorm and rotary or SwiGLU kernels", {}, ("liger",)),
+    # Liger's Triton kernels (Config.liger_kernels; liger-kernel, TRL's use_liger_kernel) on the language model: its
+    # RMSNorms, SwiGLU MLPs and, for Qwen3-VL, rotary embedding; compile_norms' fusion without torch.compile's cost a
+    # process. Bound by bench_peers' own copy of helpers.use_liger_kernels until that existed (the same modules).
+    "liger": ("project, Liger's RMSNorm and rotary or SwiGLU kernels", {"liger_kernels": True}, ()),
     "liger-no-dropout": (
         "project, Liger's RMSNorm and rotary or SwiGLU kernels, LoRA dropout 0",
-        {"lora_dropout": 0.0},
-        ("liger",),
+        {"liger_kernels": True, "lora_dropout": 0.0},
+        (),
     ),
     # A T4's kernels: SDPA's flash off (a T4 has none), its memory-efficient and math kernels left; the default then
     # runs the training batches unmasked with the key/value heads repeated (helpers.unmasked_attention)
@@ -241,36 +241,6 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
-
-
-def apply_liger_kernels(model) -> dict:
-    """Liger's Triton kernels bound to the language model of the PEFT-wrapped `model` as Liger's own
-    apply_liger_kernel_to_<family> binds them: its RMSNorm (Qwen3.5's with the 1 + weight and casting of Liger's Qwen3.5
-    patch), its rotary embedding where the family applies the plain one (Qwen3-VL; Liger has none for Qwen3.5's partial
-    rotary) and its SwiGLU in the dense MLPs. Not through those functions: liger-kernel 0.8.5's import Qwen3-VL output
-    classes that transformers 5.24 renamed. Triton kernels, compiled once a shape class and cached on disk, nothing
-    traced by torch.compile. Returns what was applied."""
-    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
-    from liger_kernel.transformers.rope import liger_rotary_pos_emb
-    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-
-    base = model.get_base_model()
-    family = base.config.model_type
-    qwen3_5 = family.startswith("qwen3_5")
-    language_model = base.model.language_model
-    norms = [m for m in language_model.modules() if type(m).__name__.endswith("RMSNorm")]
-    for norm in norms:
-        casting = {"offset": 1.0, "casting_mode": "gemma", "in_place": False} if qwen3_5 else {"casting_mode": "llama"}
-        _patch_rms_norm_module(norm, **casting)
-    silu = base.config.get_text_config().hidden_act in ("silu", "swish")
-    mlps = [m for m in language_model.modules() if type(m).__name__.endswith("MLP") and hasattr(m, "gate_proj")]
-    for mlp in mlps if silu else []:
-        _patch_swiglu_module(mlp, LigerSwiGLUMLP)
-    rope = family in ("qwen3_vl", "qwen3_vl_moe")
-    if rope:
-        sys.modules[type(base).__module__].apply_rotary_pos_emb = liger_rotary_pos_emb
-    applied = {"rms_norms": len(norms), "swiglu_mlps": len(mlps) if silu else 0, "rotary": rope}
-    return {"liger_kernel": md.version("liger-kernel"), "family": family, **applied}
 
 
 def fused_lora_forward(self, x, *args, **kwargs):
@@ -353,8 +323,8 @@ def run_project(args, df, result: dict, save) -> None:
         result["settings"]["compiled_layers"] = compile_decoder_layers(model)
     if "fused-lora" in extras:
         result["settings"]["fused_lora_layers"] = fuse_lora_products(model)
-    if "liger" in extras:
-        result["settings"]["liger"] = apply_liger_kernels(model)
+    if cfg.liger_kernels:
+        result["settings"]["liger_kernel"] = md.version("liger-kernel")
     if "masked-attention" in extras:  # the masked SDPA call of every training step before, and of a T4's now
         helpers.padding_mask_needed = lambda model: True
     result["settings"]["padding_mask"] = helpers.padding_mask_needed(model)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The wheels the GPU machine lacks (Python 3.12, x86-64 Linux), downloaded here into the git-ignored folders that
 # run_gpu.sh installs from on that machine, at the versions the committed results were made with:
-#   .whl/          transformers, peft, bitsandbytes (only its CPU and CUDA 13.0/13.2 libraries), qwen-vl-utils: 21 MiB
-#   .whl-peers/    TRL and what it needs beyond the machine's packages, and Liger's kernels (bench_peers.py): 2.7 MiB
+#   .whl/          transformers, peft, bitsandbytes (only its CPU and CUDA 13.0/13.2 libraries), qwen-vl-utils, Liger's
+#                  kernels (Config.liger_kernels): 22 MiB
+#   .whl-peers/    TRL and what it needs beyond the machine's packages (bench_peers.py): 1.8 MiB
 #   .whl-unsloth/  Unsloth without its Studio web app, and what it imports (bench_peers.py, top): 14 MiB
 #   .whl-test/     pytest, for the tests that need a GPU (run_gpu.sh gpu-tests): 2 MiB
 # A device call carries them: carry [".whl", ".whl-peers", ".whl-unsloth"] (64 MiB at most with the tracked files).
@@ -21,11 +22,11 @@ get() {  # get FOLDER PACKAGE==VERSION...: binary wheels for the GPU machine's P
         --platform manylinux2014_x86_64 -d "$folder" "$@"
 }
 
-get .whl transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 qwen-vl-utils==0.0.14
+get .whl transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 qwen-vl-utils==0.0.14 liger-kernel==0.8.5
 # pytest, for the GPU-only tests (run_gpu.sh gpu-tests)
 get .whl-test pytest==9.0.3 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 packaging==26.4
 # pyarrow stays out: datasets' dill cannot pickle it from a --target folder (experiments/README, "A trap")
-get .whl-peers trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5  # liger: bench_peers' way
+get .whl-peers trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 # Unsloth requires transformers<=5.17 (the machine's), trl<=1.15 and datasets<5: it runs from a folder of its own
 get .whl-unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 torchao==0.18.0 cut_cross_entropy==25.1.1 trl==1.15.0 \
     datasets==4.8.5 dill==0.4.1 multiprocess==0.70.19 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.1 \

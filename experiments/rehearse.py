@@ -186,6 +186,13 @@ def main() -> None:
         help="Config.compile_norms: on compiles the language model's RMSNorms and rotary embedding (off: the default)",
     )
     parser.add_argument(
+        "--liger-kernels",
+        choices=("on", "off"),
+        default="off",
+        help="Config.liger_kernels: on binds Liger's Triton kernels to the language model's RMSNorms, rotary embedding "
+        "and SwiGLU (off: the default)",
+    )
+    parser.add_argument(
         "--padding-mask",
         choices=("on", "off"),
         default="off",
@@ -238,6 +245,8 @@ def main() -> None:
     name += f" folds={args.folds}" if args.folds != 2 else ""  # named only when not 2, as before --folds was varied
     compile_norms = args.compile_norms == "on" and torch.cuda.is_available()
     name += " norms=compiled" if compile_norms else ""  # runs named without it ran them eager
+    liger_kernels = args.liger_kernels == "on" and torch.cuda.is_available()
+    name += " norms=liger" if liger_kernels else ""
     # Runs named without "padding-mask=on" ran masked, left-padded, until f7377c9; padding_mask_needed's way since
     if args.padding_mask == "on":
         if parallel is not False:
@@ -265,6 +274,7 @@ def main() -> None:
     overrides["quantize_vision"] = args.quantize_vision == "on"
     overrides.update(CHECKPOINTING[args.checkpointing])
     overrides["compile_norms"] = compile_norms
+    overrides["liger_kernels"] = liger_kernels
     if not tiny:
         overrides.update(precision=args.precision, gpu_memory_cap_gib=args.cap_gib)
     entry = {

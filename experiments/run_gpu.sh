@@ -8,7 +8,7 @@
 #                                               rehearse-x2-default, rehearse-x2-qwen3.5-27b, rehearse-x2-qwen3.6-35b-a3b,
 #                                               rehearse-checkpointing, rehearse-offload, rehearse-compiled,
 #                                               rehearse-8b-compiled-x2 rehearse-8b-compiled-long-x2
-#                                               rehearse-8b-compiled-300, rehearse-8b-padding-mask-300, rehearse-8b-t4-kernels-240, rehearse-8b-val-scores-240 (two GPUs,
+#                                               rehearse-8b-compiled-300, rehearse-8b-padding-mask-300, rehearse-8b-t4-kernels-240, rehearse-8b-val-scores-240, rehearse-8b-liger-300 (two GPUs,
 #                                               one run each)
 #   bash experiments/run_gpu.sh gpu-tests        # the tests skipped in CI for want of a GPU (.whl-test/ carried)
 # A failure of one is logged and does not stop the others. JSON and logs are written to "$OUT/" (the folder whose
@@ -168,6 +168,10 @@ rehearse_both rehearse-8b-t4-kernels-240 420 2 --padding-mask rehearsal_t4_kerne
 # validation pass (GPU 1, helpers.validation_scores): the same 4 folds of 60 steps, fp16, flash as the H200 has it
 rehearse_both rehearse-8b-val-scores-240 420 2 --rescore-validation rehearsal_val_scores_240 --model 8b --level safe \
     --precision fp16 --parallel off --folds 4 --train-rows 1280 --test-rows 100
+# Liger's kernels on the language model (GPU 0) and its norms eager (GPU 1, the default), 300 steps a process as the
+# compiled norms were run: the gate for Config.liger_kernels (liger-kernel's wheel in .whl/)
+rehearse_both rehearse-8b-liger-300 420 2 --liger-kernels rehearsal_liger_300 --model 8b --level safe \
+    --precision fp16 --parallel off --folds 4 --train-rows 1600 --test-rows 100
 # nvidia-h200-x2: the two models that need both GPUs, one call each (a random checkpoint builds in about 60 s before
 # the timeout starts); the 16-bit checkpoint (54 and 70 GB) is removed after, for the RAM disk's sake
 for model in qwen3.5-27b qwen3.6-35b-a3b; do
@@ -419,7 +423,7 @@ for precision in bf16 fp16; do
         --worker-timeout 220 --loader --profile --project-ways default,masked-attention,reentrant-offload \
         --unsloth-site /tmp/site-unsloth
 done
-# Liger's Triton kernels (liger-kernel 0.8.5, from .whl-peers/) on the language model's norms, rotary embedding and
+# Liger's Triton kernels (liger-kernel 0.8.5, from .whl/) on the language model's norms, rotary embedding and
 # SwiGLU, beside the default and compile_norms: Qwen3-VL-8B in bf16 and fp16, Qwen3.5-4B (the default model) in fp16;
 # profiled, about 5 minutes each (.whl/ and .whl-peers/ carried)
 for precision in bf16 fp16; do
@@ -471,7 +475,7 @@ run peers_qwen35_islands 360 experiments/bench_peers.py --model qwen3.5-4b --pre
 if [[ " $selected " == *" gpu-tests "* ]]; then
     echo "== gpu-tests ($((SECONDS - started)) s elapsed)"
     timeout -k 10 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_offloaded_checkpointing.py \
-        tests/test_compiled_norms.py tests/test_model.py::test_sdpa_trains_the_unmasked_call_of_every_family_in_16_bits_on_this_gpu \
+        tests/test_compiled_norms.py tests/test_liger_kernels.py tests/test_model.py::test_sdpa_trains_the_unmasked_call_of_every_family_in_16_bits_on_this_gpu \
         tests/test_model.py::test_on_a_t4_s_kernels_the_repeated_heads_train_as_the_masked_call 2>&1 |
         tee "$OUT/gpu-tests.log" | tail -n 8
     [[ ${PIPESTATUS[0]} -eq 0 ]] || failures+=("gpu-tests")
