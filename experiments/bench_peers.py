@@ -716,9 +716,17 @@ def per_step_ratio(a: dict | None, b: dict | None) -> float | None:
     return statistics.median(b["step_s"]) / statistics.median(a["step_s"])
 
 
+def gpu_work_ratio(a: dict | None, b: dict | None) -> float | None:
+    """b's GPU busy time in its profiled step over a's (--profile): a's speed over b's where the GPU's work bounds the
+    step, as on a T4, whose fp16 throughput and bandwidth are both 1/15 of an H200's (experiments/README)."""
+    busy = [(t or {}).get("profile", {}).get("gpu_busy_s") for t in (a, b)]
+    return busy[1] / busy[0] if all(busy) else None
+
+
 def ratios(runs: dict) -> dict:
     """Project / peer within this run: training samples/s at the project's micro-batch and at the peer's (equal
-    memory), per step (medians), scoring rows/s, and peak training memory (below 1: the project uses less)."""
+    memory), per step (medians), by GPU work (profiled), scoring rows/s, and peak training memory (below 1: the project
+    uses less)."""
     project = runs.get("project", {})
     out = {}
     for name, peer in runs.items():
@@ -728,6 +736,7 @@ def ratios(runs: dict) -> dict:
         out[name] = {
             "train_speed": ratio(project.get("train"), peer["train"], "samples_per_s"),
             "train_speed_per_step": per_step_ratio(project.get("train"), peer["train"]),
+            "train_gpu_work": gpu_work_ratio(project.get("train"), peer["train"]),
             "train_speed_at_peer_micro_batch": ratio(same_micro, peer["train"], "samples_per_s"),
             "train_peak_memory": ratio(project.get("train"), peer["train"], "peak_gib"),
             "train_peak_memory_at_peer_micro_batch": ratio(same_micro, peer["train"], "peak_gib"),
@@ -738,6 +747,7 @@ def ratios(runs: dict) -> dict:
             out[name] = {
                 "train_speed": ratio(project.get("train"), other["train"], "samples_per_s"),
                 "train_speed_per_step": per_step_ratio(project.get("train"), other["train"]),
+                "train_gpu_work": gpu_work_ratio(project.get("train"), other["train"]),
                 "train_peak_memory": ratio(project.get("train"), other["train"], "peak_gib"),
             }
     return out
