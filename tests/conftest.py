@@ -39,3 +39,13 @@ def tiny_model_dirs(tmp_path_factory) -> dict:
 def smoke_cfg(tmp_path, tiny_model_dirs) -> helpers.Config:
     """The smoke profile writing into a temporary folder, with the tiny Qwen3-VL already built."""
     return helpers.Config(profile="smoke", model_id=str(tiny_model_dirs["qwen3_vl"]), output_dir=str(tmp_path))
+
+
+@pytest.fixture
+def eager_rotary_afterwards():
+    """Every family's eager rotary embedding back after the test (compile_norms and use_liger_kernels replace it in
+    transformers' modeling modules, shared by the whole process), and compiler_works asked afresh."""
+    yield
+    for name, eager in helpers.EAGER_ROTARY.items():
+        sys.modules[name].apply_rotary_pos_emb = eager
+    helpers.compiler_works.cache_clear()

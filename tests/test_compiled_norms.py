@@ -13,17 +13,9 @@ from test_offloaded_checkpointing import two_gpu_device_map
 
 import helpers
 
+pytestmark = pytest.mark.usefixtures("eager_rotary_afterwards")
 # The first three tests load the tiny model on the CPU, in fp32 (on a GPU helpers would load it in 4 bits and compile)
 on_the_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's path; the GPU's is the last test")
-
-
-@pytest.fixture(autouse=True)
-def eager_afterwards():
-    """Every family's eager rotary embedding back after each test, and compiler_works asked afresh."""
-    yield
-    for name, eager in helpers.EAGER_ROTARY.items():
-        sys.modules[name].apply_rotary_pos_emb = eager
-    helpers.compiler_works.cache_clear()
 
 
 def compiled_modules(model) -> dict[str, bool]:

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_compiled_norms import eager_afterwards  # noqa: F401 (a fixture: every family's eager rotary put back)
 from test_model import cfg_for, flat_grad, one_batch, trainable_lora_model
 
 import helpers
 
+pytestmark = pytest.mark.usefixtures("eager_rotary_afterwards")
 liger_rms_norm = pytest.importorskip("liger_kernel.transformers.rms_norm")
 liger_rope = pytest.importorskip("liger_kernel.transformers.rope")
 liger_swiglu = pytest.importorskip("liger_kernel.transformers.swiglu")
