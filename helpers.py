@@ -1510,6 +1510,8 @@ def load_model_and_processor(cfg: Config):
     print(f"language model attention {attention}: training batches {masked} the padding mask")
     if dtype == torch.float16 and cfg.fp32_islands and family.fp32_modules:
         print(f"{compute_in_fp32(model, family.fp32_modules)} {'/'.join(family.fp32_modules)} modules compute in fp32")
+    if bucket_short_convolutions(model):
+        print(f"Gated DeltaNet convolutions on lengths padded to a multiple of {CONV_BUCKET} tokens")
     model.requires_grad_(False)
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False  # the language model reads its own config
@@ -1578,6 +1580,41 @@ def _fp32_forward(forward):
             return forward(hidden_states.float(), *args, **kwargs).to(hidden_states.dtype)
 
     return fp32_forward
+
+
+# Each Gated DeltaNet layer (Qwen3.5) runs a depthwise causal convolution over the tokens through cuDNN, which builds
+# an execution plan for each new input shape (costly on the host for depthwise convolutions: NVIDIA/cudnn-frontend
+# #1066). A training batch has a new length almost every step: on an H200 the profiled Qwen3.5-4B step spent
+# 0.36-0.51 s of CPU in the convolutions' forward and 0.17-0.20 s in their backward, and left the GPU idle 0.51 s of a
+# 1.76 s step, where one batch repeated left it idle 0.11 s with no convolution among the costly CPU ops
+# (experiments/README, "Liger's kernels"; results/profile_norms.json). Padded on the right to a multiple of
+# CONV_BUCKET tokens, the lengths repeat after a few steps and cuDNN's plans can be reused; a causal convolution's
+# outputs read no later input, so the outputs kept are the same. The likely cause, not yet measured as a fix.
+CONV_BUCKET = 64
+EAGER_CONV = {}  # transformers' own causal_conv1d_fn of each modeling module, before it was wrapped
+
+
+def bucket_short_convolutions(model) -> bool:
+    """Give the model's Gated DeltaNet layers the bucketed causal convolution; False for a family without them. Looked
+    up by name in the modeling module, as the rotary embedding is (compile_norms), wrapping transformers' own once."""
+    modeling = sys.modules[type(model).__module__]
+    if not hasattr(modeling, "causal_conv1d_fn"):
+        return False
+    eager = EAGER_CONV.setdefault(modeling.__name__, modeling.causal_conv1d_fn)
+    modeling.causal_conv1d_fn = bucketed_causal_conv1d(eager)
+    return True
+
+
+def bucketed_causal_conv1d(causal_conv1d_fn):
+    @functools.wraps(causal_conv1d_fn)
+    def on_bucketed_length(hidden_states, weight, bias=None, activation=None, **kwargs):
+        if any(isinstance(value, torch.Tensor) for value in kwargs.values()):  # packed sequences' seq_idx: by token
+            return causal_conv1d_fn(hidden_states, weight, bias, activation, **kwargs)
+        length = hidden_states.shape[-1]
+        padded = torch.nn.functional.pad(hidden_states, (0, -length % CONV_BUCKET))
+        return causal_conv1d_fn(padded, weight, bias, activation, **kwargs)[..., :length]
+
+    return on_bucketed_length
 
 
 # -- Where the weights go ----------------------------------------------------------------------------------------------

@@ -46,10 +46,11 @@ the model the training batch's padding mask, as every step did before training b
 does (helpers.padding_mask_needed); `rope-on-gpu` computes the rotary positions on the GPU, as the model did before
 helpers.rope_positions. `liger` puts Liger's Triton kernels (Config.liger_kernels; liger-kernel, as TRL's
 `use_liger_kernel` does) on the language model: its RMSNorms and SwiGLU MLPs and, for Qwen3-VL, its rotary embedding;
-`liger-no-dropout` with LoRA dropout 0 as well. `t4-kernels` turns SDPA's flash kernel off before loading, as a T4
-has none (its memory-efficient and math kernels left): the default then trains unmasked with the key/value heads
-repeated (helpers.unmasked_attention); `t4-kernels-masked` with the mask, a T4's way before. `--loader` feeds every
-way as `loader` does.
+`liger-no-dropout` with LoRA dropout 0 as well. `conv-unbucketed` gives Qwen3.5's DeltaNet convolutions each batch's
+own length, as before helpers.bucket_short_convolutions. `t4-kernels` turns SDPA's flash kernel off before loading,
+as a T4 has none (its memory-efficient and math kernels left): the default then trains unmasked with the key/value
+heads repeated (helpers.unmasked_attention); `t4-kernels-masked` with the mask, a T4's way before. `--loader` feeds
+every way as `loader` does.
 
 `--profile` runs one more optimizer step after the timed ones under torch.profiler, for every tool (the peers' in
 their trainer, from after it collated the step's rows): the GPU's busy time, the kernels and the ops with the most GPU
@@ -201,6 +202,13 @@ PROJECT_WAYS = {
     "masked-attention": ("project, padding mask given to the attention (a T4's way)", {}, ("masked-attention",)),
     # helpers.rope_positions computes the rotary positions on the CPU since; before, the model did on the GPU.
     "rope-on-gpu": ("project, rotary positions computed on the GPU", {}, ("rope-on-gpu",)),
+    # helpers.bucket_short_convolutions pads Qwen3.5's DeltaNet convolutions to lengths that repeat (cuDNN's plans
+    # reused) since; before, every batch's own length reached cuDNN.
+    "conv-unbucketed": (
+        "project, DeltaNet convolutions on each batch's own length (before)",
+        {},
+        ("conv-unbucketed",),
+    ),
     # Liger's Triton kernels (Config.liger_kernels; liger-kernel, TRL's use_liger_kernel) on the language model: its
     # RMSNorms, SwiGLU MLPs and, for Qwen3-VL, rotary embedding; compile_norms' fusion without torch.compile's cost a
     # process. Bound by bench_peers' own copy of helpers.use_liger_kernels until that existed (the same modules).
@@ -325,6 +333,10 @@ def run_project(args, df, result: dict, save) -> None:
         result["settings"]["fused_lora_layers"] = fuse_lora_products(model)
     if cfg.liger_kernels:
         result["settings"]["liger_kernel"] = md.version("liger-kernel")
+    modeling = sys.modules[type(model.get_base_model()).__module__]
+    if "conv-unbucketed" in extras:
+        modeling.causal_conv1d_fn = helpers.EAGER_CONV[modeling.__name__]
+    result["settings"]["conv_buckets"] = modeling.__name__ in helpers.EAGER_CONV and "conv-unbucketed" not in extras
     if "masked-attention" in extras:  # the masked SDPA call of every training step before, and of a T4's now
         helpers.padding_mask_needed = lambda model: True
     result["settings"]["padding_mask"] = helpers.padding_mask_needed(model)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, each under its own timeout, with the arguments their committed results were made with:
 #   bash experiments/run_gpu.sh                  # infer 240 + profile 240 + train 300 + moe 200 s: several 10-minute calls
-#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_fused_lora_bf16, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_unsloth_profile_bf16, peers_unsloth_profile_fp16, bench_attention, bench_attention_odd, peers_unsloth_unmasked_bf16, peers_unsloth_unmasked_fp16, peers_unsloth_default_bf16, peers_t4_kernels, peers_liger_bf16, peers_liger_fp16, peers_liger_qwen35, peers_unsloth_liger_bf16, peers_unsloth_liger_fp16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
+#   bash experiments/run_gpu.sh infer profile    # only these (names: infer, profile, train, moe, qwen35, qwen35-off, qwen35_kernels-none, qwen35_kernels-fla, qwen35_9b_pair, profile_qwen35, profile_norms, fits-fp16, fits-bf16, fits-2b, peers, peers_fp16, peers_equal, peers_qwen35_fp16, peers_qwen35_score, peers_qwen35_bf16, peers_qwen35_islands, peers_qwen35_9b, unsloth-check, peers_unsloth, peers_ways, peers_loader, peers_unsloth_ways, peers_unsloth_bf16, peers_unsloth_qwen35, peers_unsloth_qwen35_bf16, peers_unsloth_qwen35_bf16_long, peers_unsloth_qwen35_fp32, peers_unsloth_equal, peers_unsloth_equal_bf16, peers_unsloth_settings_bf16, peers_unsloth_offload_bf16, peers_offload_bf16, peers_offload_fp16, peers_fused_lora, peers_fused_lora_bf16, peers_unsloth_helpers_bf16, peers_unsloth_helpers_fp16, peers_unsloth_compiled_bf16, peers_unsloth_compiled_fp16, peers_unsloth_profile_bf16, peers_unsloth_profile_fp16, bench_attention, bench_attention_odd, peers_unsloth_unmasked_bf16, peers_unsloth_unmasked_fp16, peers_unsloth_default_bf16, peers_t4_kernels, peers_liger_bf16, peers_liger_fp16, peers_liger_qwen35, peers_unsloth_liger_bf16, peers_unsloth_liger_fp16, peers_qwen35_conv_fp16, peers_qwen35_conv_bf16, peers_qwen35_compiled, peers_vision16, peers_checkpointing, peers_compiled, replay)
 #   bash experiments/run_gpu.sh peers            # bench_peers.py: the project vs TRL and Unsloth, about 5 min
 #   bash experiments/run_gpu.sh rehearse-8b      # the rehearsal (rehearse.py): rehearse-8b, rehearse-2b, rehearse-30b, rehearse-more, rehearse-high, rehearse-1gpu, rehearse-qwen35,
 #                                               rehearse-qwen35-9b, rehearse-qwen25-7b, rehearse-9b-alloc, rehearse-4b-alloc, rehearse-vision16, rehearse-vision16-x2,
@@ -437,6 +437,13 @@ done
 run peers_liger_qwen35 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project \
     --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --worker-timeout 120 --loader --profile \
     --project-ways default,liger,compiled-norms
+# Qwen3.5's DeltaNet convolutions on bucketed lengths (the default since) and on each batch's own, profiled, fp16 and
+# bf16 (about 4 minutes each); the profile shows whether cuDNN's host time (aten::cudnn_convolution) went
+for precision in fp16 bf16; do
+    run "peers_qwen35_conv_$precision" 300 experiments/bench_peers.py --model qwen3.5-4b --precisions $precision \
+        --tools project --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --worker-timeout 120 --loader \
+        --profile --project-ways default,conv-unbucketed
+done
 # Liger's kernels beside Unsloth in one call, unprofiled: the default, with Liger's kernels, and with them and LoRA
 # dropout 0 (Unsloth's settings), then Unsloth; about 7-8 minutes each (all three wheel folders carried)
 for precision in bf16 fp16; do
