@@ -1591,17 +1591,13 @@ def _fp32_forward(forward):
 # CONV_BUCKET tokens, the lengths repeat after a few steps and cuDNN's plans can be reused; a causal convolution's
 # outputs read no later input, so the outputs kept are the same. The likely cause, not yet measured as a fix.
 CONV_BUCKET = 64
-EAGER_CONV = {}  # transformers' own causal_conv1d_fn of each modeling module, before it was wrapped
 
 
 def bucket_short_convolutions(model) -> bool:
-    """Give the model's Gated DeltaNet layers the bucketed causal convolution; False for a family without them. Looked
-    up by name in the modeling module, as the rotary embedding is (compile_norms), wrapping transformers' own once."""
-    modeling = sys.modules[type(model).__module__]
-    if not hasattr(modeling, "causal_conv1d_fn"):
+    """Give the model's Gated DeltaNet layers the bucketed causal convolution; False for a family without them."""
+    if not hasattr(sys.modules[type(model).__module__], "causal_conv1d_fn"):
         return False
-    eager = EAGER_CONV.setdefault(modeling.__name__, modeling.causal_conv1d_fn)
-    modeling.causal_conv1d_fn = bucketed_causal_conv1d(eager)
+    replace_modeling_function(model, "causal_conv1d_fn", bucketed_causal_conv1d)
     return True
 
 
@@ -1849,25 +1845,44 @@ def compiler_works(device_type: str) -> bool:
         return False
 
 
-EAGER_ROTARY = {}  # transformers' own apply_rotary_pos_emb of each modeling module, before compile_norms replaced it
+# transformers' layers look some functions up by name in their modeling module (the rotary embedding, the Gated
+# DeltaNet's convolution), shared by every model of the family in the process: replaced there, for all of them.
+TRANSFORMERS_FUNCTIONS = {}  # (modeling module, function name): transformers' own function, before it was replaced
+
+
+def replace_modeling_function(model, name: str, replacement) -> None:
+    """Give `model`'s modeling module replacement(transformers' own function `name`), built on the original however
+    often it is replaced (each fold's model is loaded again)."""
+    modeling = sys.modules[type(model).__module__]
+    original = TRANSFORMERS_FUNCTIONS.setdefault((modeling.__name__, name), getattr(modeling, name))
+    setattr(modeling, name, replacement(original))
+
+
+def language_modules(model) -> list:
+    """Every module of the language model (and the model's head), none of the vision encoder's."""
+    return [m for n, m in model.named_modules() if VISION_ENCODER not in n]
+
+
+def language_norms(model) -> list:
+    """Every RMSNorm of the language model, none of the vision encoder's."""
+    return [m for m in language_modules(model) if type(m).__name__.endswith("RMSNorm")]
 
 
 def compile_norms(model, compiled: bool = True) -> int:
     """Compile every RMSNorm of the language model (not the vision encoder's) and the rotary embedding its attention
     applies, with dynamic shapes, so that a batch of a new length does not recompile; returns how many norms.
-    compiled=False puts back the eager rotary embedding (transformers' attention looks it up in its modeling module by
-    name, for every model of the family in this process)."""
-    modeling = sys.modules[type(model).__module__]
-    eager = EAGER_ROTARY.setdefault(modeling.__name__, modeling.apply_rotary_pos_emb)
+    compiled=False puts back transformers' own rotary embedding (replace_modeling_function)."""
     compiled = compiled and compiler_works(input_device(model).type)
-    modeling.apply_rotary_pos_emb = torch.compile(eager, dynamic=True) if compiled else eager
+    replace_modeling_function(
+        model, "apply_rotary_pos_emb", lambda eager: torch.compile(eager, dynamic=True) if compiled else eager
+    )
     if not compiled:
         return 0
     # A norm compiles one graph per input rank (hidden states; queries and keys by head), grad mode, whether its input
     # requires grad, device, and for a batch of one: past dynamo's default of 8 graphs a function, the rest would run
     # eager, with a warning. (cache_size_limit: the name all torch 2 releases know; newer ones say recompile_limit.)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    norms = [m for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm") and VISION_ENCODER not in n]
+    norms = language_norms(model)
     for norm in norms:
         norm.compile(dynamic=True)
     return len(norms)
@@ -1891,22 +1906,19 @@ def use_liger_kernels(model) -> str:
     except ImportError as error:
         raise ImportError(f"Config.liger_kernels needs liger-kernel (pip install liger-kernel): {error}") from error
     family = model.config.model_type
-    language = [m for n, m in model.named_modules() if VISION_ENCODER not in n]
-    norms = [m for m in language if type(m).__name__.endswith("RMSNorm")]
+    norms = language_norms(model)
     for norm in norms:
         if family.startswith("qwen3_5"):
             _patch_rms_norm_module(norm, offset=1.0, casting_mode="gemma", in_place=False)
         else:
             _patch_rms_norm_module(norm, casting_mode="llama")
     silu = model.config.get_text_config().hidden_act in ("silu", "swish")
-    mlps = [m for m in language if silu and hasattr(m, "gate_proj") and hasattr(m, "up_proj")]
+    mlps = [m for m in language_modules(model) if silu and hasattr(m, "gate_proj") and hasattr(m, "up_proj")]
     for mlp in mlps:
         _patch_swiglu_module(mlp, LigerSwiGLUMLP)
     rotary = family in ("qwen3_vl", "qwen3_vl_moe")
-    if rotary:  # looked up by name in the modeling module, as compile_norms replaces it; a later load puts it back
-        modeling = sys.modules[type(model).__module__]
-        EAGER_ROTARY.setdefault(modeling.__name__, modeling.apply_rotary_pos_emb)
-        modeling.apply_rotary_pos_emb = liger_rotary_pos_emb
+    if rotary:  # a later load puts transformers' own back (compile_norms)
+        replace_modeling_function(model, "apply_rotary_pos_emb", lambda eager: liger_rotary_pos_emb)
     return f"Liger's kernels: {len(norms)} RMSNorms, {len(mlps)} SwiGLU MLPs" + (
         ", the rotary embedding" if rotary else ""
     )

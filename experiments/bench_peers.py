@@ -333,10 +333,10 @@ def run_project(args, df, result: dict, save) -> None:
         result["settings"]["fused_lora_layers"] = fuse_lora_products(model)
     if cfg.liger_kernels:
         result["settings"]["liger_kernel"] = md.version("liger-kernel")
-    modeling = sys.modules[type(model.get_base_model()).__module__]
-    if "conv-unbucketed" in extras:
-        modeling.causal_conv1d_fn = helpers.EAGER_CONV[modeling.__name__]
-    result["settings"]["conv_buckets"] = modeling.__name__ in helpers.EAGER_CONV and "conv-unbucketed" not in extras
+    buckets = hasattr(sys.modules[type(model.get_base_model()).__module__], "causal_conv1d_fn")
+    if "conv-unbucketed" in extras and buckets:  # transformers' own convolution back
+        helpers.replace_modeling_function(model.get_base_model(), "causal_conv1d_fn", lambda original: original)
+    result["settings"]["conv_buckets"] = buckets and "conv-unbucketed" not in extras
     if "masked-attention" in extras:  # the masked SDPA call of every training step before, and of a T4's now
         helpers.padding_mask_needed = lambda model: True
     result["settings"]["padding_mask"] = helpers.padding_mask_needed(model)

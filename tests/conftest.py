@@ -42,10 +42,11 @@ def smoke_cfg(tmp_path, tiny_model_dirs) -> helpers.Config:
 
 
 @pytest.fixture
-def eager_rotary_afterwards():
-    """Every family's eager rotary embedding back after the test (compile_norms and use_liger_kernels replace it in
-    transformers' modeling modules, shared by the whole process), and compiler_works asked afresh."""
+def transformers_functions_afterwards():
+    """transformers' own functions back in its modeling modules after the test (helpers.replace_modeling_function
+    replaces them for the whole process: the rotary embedding, the Gated DeltaNet's convolution), and compiler_works
+    asked afresh."""
     yield
-    for name, eager in helpers.EAGER_ROTARY.items():
-        sys.modules[name].apply_rotary_pos_emb = eager
+    for (module, name), original in helpers.TRANSFORMERS_FUNCTIONS.items():
+        setattr(sys.modules[module], name, original)
     helpers.compiler_works.cache_clear()

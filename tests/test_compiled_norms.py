@@ -13,7 +13,7 @@ from test_offloaded_checkpointing import two_gpu_device_map
 
 import helpers
 
-pytestmark = pytest.mark.usefixtures("eager_rotary_afterwards")
+pytestmark = pytest.mark.usefixtures("transformers_functions_afterwards")
 # The first three tests load the tiny model on the CPU, in fp32 (on a GPU helpers would load it in 4 bits and compile)
 on_the_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's path; the GPU's is the last test")
 
@@ -45,7 +45,8 @@ def test_compiled_norms_keep_the_loss_the_gradient_and_the_scores(
         vision = {n: c for n, c in modules.items() if helpers.VISION_ENCODER in n}
         assert norms == (len(language) if compiled else 0) and language
         assert all(language.values()) == compiled and not any(vision.values())
-        assert (modeling.apply_rotary_pos_emb is helpers.EAGER_ROTARY[modeling.__name__]) != compiled
+        eager = helpers.TRANSFORMERS_FUNCTIONS[modeling.__name__, "apply_rotary_pos_emb"]
+        assert (modeling.apply_rotary_pos_emb is eager) != compiled
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # compiler_works' own included
         torch.manual_seed(1)  # the LoRA dropout masks, drawn in the same order both ways
         losses.append([backward_on_cpu(peft_model, one_batch(processor, rows), size) for size in (2, 1)])
@@ -69,7 +70,7 @@ def test_a_later_model_without_it_gets_the_eager_rotary_embedding(tiny_model_dir
     helpers.compile_norms(model)
     assert modeling.apply_rotary_pos_emb is not eager
     helpers.compile_norms(model)  # again (the next fold's model): compiled from transformers' function, not twice
-    assert helpers.EAGER_ROTARY[modeling.__name__] is eager
+    assert helpers.TRANSFORMERS_FUNCTIONS[modeling.__name__, "apply_rotary_pos_emb"] is eager
     helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path))  # on a CPU: not compiled
     assert modeling.apply_rotary_pos_emb is eager
 

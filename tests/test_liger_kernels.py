@@ -13,7 +13,7 @@ from test_model import cfg_for, flat_grad, one_batch, trainable_lora_model
 
 import helpers
 
-pytestmark = pytest.mark.usefixtures("eager_rotary_afterwards")
+pytestmark = pytest.mark.usefixtures("transformers_functions_afterwards")
 liger_rms_norm = pytest.importorskip("liger_kernel.transformers.rms_norm")
 liger_rope = pytest.importorskip("liger_kernel.transformers.rope")
 liger_swiglu = pytest.importorskip("liger_kernel.transformers.swiglu")

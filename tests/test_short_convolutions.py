@@ -11,12 +11,7 @@ from test_model import backward_on_cpu, cfg_for, flat_grad, one_batch, trainable
 
 import helpers
 
-
-@pytest.fixture
-def eager_convolution_afterwards():
-    yield
-    for name, eager in helpers.EAGER_CONV.items():
-        sys.modules[name].causal_conv1d_fn = eager
+pytestmark = pytest.mark.usefixtures("transformers_functions_afterwards")
 
 
 def recording(conv, lengths: list):
@@ -29,7 +24,6 @@ def recording(conv, lengths: list):
     return recorded
 
 
-@pytest.mark.usefixtures("eager_convolution_afterwards")
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
 def test_bucketed_convolutions_keep_the_loss_the_gradient_and_the_scores(arch, tiny_model_dirs, tmp_path, sample_data):
     cfg = cfg_for(arch, tiny_model_dirs, tmp_path)
@@ -38,7 +32,7 @@ def test_bucketed_convolutions_keep_the_loss_the_gradient_and_the_scores(arch, t
     for bucketed in (True, False):
         peft_model, processor = trainable_lora_model(cfg)
         modeling = sys.modules[type(peft_model.get_base_model()).__module__]
-        eager = helpers.EAGER_CONV[modeling.__name__]
+        eager = helpers.TRANSFORMERS_FUNCTIONS[modeling.__name__, "causal_conv1d_fn"]
         assert modeling.causal_conv1d_fn is not eager and modeling.causal_conv1d_fn.__wrapped__ is eager
         recorded = recording(eager, lengths[bucketed])
         modeling.causal_conv1d_fn = helpers.bucketed_causal_conv1d(recorded) if bucketed else recorded
@@ -54,14 +48,14 @@ def test_bucketed_convolutions_keep_the_loss_the_gradient_and_the_scores(arch, t
     np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)
 
 
-@pytest.mark.usefixtures("eager_convolution_afterwards")
 def test_loading_again_wraps_transformers_convolution_not_the_wrapper(tiny_model_dirs, tmp_path, monkeypatch):
     model, _ = helpers.load_model_and_processor(cfg_for("qwen3_5", tiny_model_dirs, tmp_path))
     modeling = sys.modules[type(model).__module__]
-    original = helpers.EAGER_CONV[modeling.__name__]
-    monkeypatch.setitem(helpers.EAGER_CONV, modeling.__name__, lambda *args, **kwargs: original(*args, **kwargs))
+    key = modeling.__name__, "causal_conv1d_fn"
+    original = helpers.TRANSFORMERS_FUNCTIONS[key]
+    monkeypatch.setitem(helpers.TRANSFORMERS_FUNCTIONS, key, lambda *args, **kwargs: original(*args, **kwargs))
     helpers.load_model_and_processor(cfg_for("qwen3_5", tiny_model_dirs, tmp_path))  # the next fold's model
-    assert modeling.causal_conv1d_fn.__wrapped__ is helpers.EAGER_CONV[modeling.__name__]
+    assert modeling.causal_conv1d_fn.__wrapped__ is helpers.TRANSFORMERS_FUNCTIONS[key]
     qwen3_vl, _ = helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path))
     assert helpers.bucket_short_convolutions(qwen3_vl) is False
 
