@@ -26,6 +26,7 @@ import functools
 import gc
 import glob
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -80,6 +81,7 @@ HOSTED_PACKAGES = (
     "accelerate>=1.10,<2",
     "bitsandbytes>=0.48,<0.51",
     "qwen-vl-utils>=0.0.14,<0.1",
+    "liger-kernel>=0.8.5,<0.9",
 )
 
 
@@ -442,9 +444,9 @@ class Config:
     compile_norms: bool = False  # True, on a GPU: fuse each RMSNorm and rotary embedding of the language model into
     # one kernel (torch.compile): a step 1.06-1.18x shorter on Qwen3-VL-8B, but compiling takes 10-15 s a process: the
     # whole notebook took longer at 120 steps a GPU (240 s against 226) and broke even at 300 (395 s against 399)
-    liger_kernels: bool = False  # True, on a GPU: Liger's Triton kernels (pip install liger-kernel) for the language
-    # model's RMSNorms, rotary embedding and SwiGLU, the same fusion built once a machine: 27% less GPU work and 0.5 GiB
-    # less a Qwen3-VL-8B step, 1.10x once built (Qwen3.5-4B 1.08x); not yet measured over the whole notebook
+    liger_kernels: bool = True  # on a GPU: Liger's Triton kernels (liger-kernel) for the language model's RMSNorms,
+    # rotary embedding and SwiGLU: the whole notebook 1.10x on Qwen3-VL-8B (0.5 GiB less), 1.01x on Qwen3.5-4B, the
+    # same losses; eager where they cannot serve (helpers.why_no_liger_kernels: a CPU, a model spread over GPUs)
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -533,7 +535,7 @@ class Config:
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.compile_norms and self.liger_kernels:
-            problems.append("compile_norms and liger_kernels fuse the same norms: choose one")
+            problems.append("compile_norms and liger_kernels fuse the same norms: set liger_kernels=False to compile")
         if self.adapters_from and self.zero_shot:
             problems.append("adapters_from (predict with an earlier run's adapters) and zero_shot exclude each other")
         if problems:
@@ -1529,7 +1531,8 @@ def load_model_and_processor(cfg: Config):
     if norms:
         print(f"{norms} RMSNorms and the rotary embedding compiled (torch.compile)")
     if cfg.liger_kernels:
-        print(use_liger_kernels(model) if torch.cuda.is_available() else "liger_kernels: not on a CPU, norms eager")
+        reason = why_no_liger_kernels(model)
+        print(f"liger_kernels: {reason}; norms eager" if reason else use_liger_kernels(model))
     return model, processor
 
 
@@ -1589,7 +1592,9 @@ def _fp32_forward(forward):
 # 1.76 s step, where one batch repeated left it idle 0.11 s with no convolution among the costly CPU ops
 # (experiments/README, "Liger's kernels"; results/profile_norms.json). Padded on the right to a multiple of
 # CONV_BUCKET tokens, the lengths repeat after a few steps and cuDNN's plans can be reused; a causal convolution's
-# outputs read no later input, so the outputs kept are the same. The likely cause, not yet measured as a fix.
+# outputs read no later input, so the outputs kept are the same. Measured: in fp16 (the DeltaNet layers in fp32, a
+# T4's case) the step 1.43x shorter, 1.37x the samples/s, the same GPU work and losses; in bf16, where cuDNN's
+# convolution is not among the costly ops either way, the same speed (experiments/README, "DeltaNet convolutions").
 CONV_BUCKET = 64
 
 
@@ -1891,20 +1896,35 @@ def compile_norms(model, compiled: bool = True) -> int:
 # Liger's Triton kernels do the same fusion without torch.compile's graphs: each kernel is built once for a shape class
 # and cached on disk, so a fold's process pays for it once a machine, not once a process. On Qwen3-VL-8B (fp16,
 # micro-batch 16, one H200) they took 27% of the GPU's work and 0.5 GiB out of a step, more than compiling (19%, 0.2
-# GiB); steps 8-14 took 0.632 s against 0.697 (experiments/README, "Liger's kernels"). Config.liger_kernels: off until
-# the whole notebook has measured it.
+# GiB); over the whole notebook (4 folds of 75 steps) 1.10x, with the same step losses (experiments/README, "Liger's
+# kernels over the whole notebook"). Config.liger_kernels, on by default.
+def why_no_liger_kernels(model) -> str | None:
+    """Why Liger's kernels cannot serve this model, or None where they can."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    # Triton launches on the current GPU, and liger-kernel 0.8.5's rotary kernel does not switch to its input's
+    # (Liger-Kernel#1303): a layer on another GPU would fail or compute wrong. Not measured across GPUs either.
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        return f"the model is spread over {len(devices)} devices"
+    (device,) = devices
+    if device.type != "cuda":
+        return "not on a GPU"
+    if device.index != torch.cuda.current_device():
+        return f"the model is on cuda:{device.index}, not the current GPU (torch.cuda.set_device({device.index}) first)"
+    return None
+
+
 def use_liger_kernels(model) -> str:
     """Liger's kernels bound to the language model (not the vision encoder), module by module as liger-kernel's own
     apply_liger_kernel_to_<family> binds them: every RMSNorm (Qwen3.5's scaled by 1 + weight, in fp32), the rotary
     embedding where the family applies the plain one (Qwen3-VL; Qwen3.5's partial and Qwen2.5-VL's multimodal ones stay
     transformers'), and the SwiGLU of the dense MLPs. Not through those functions: liger-kernel 0.8.5's import output
     classes that transformers 5.24 renamed. Says what it bound."""
-    try:
-        from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
-        from liger_kernel.transformers.rope import liger_rotary_pos_emb
-        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-    except ImportError as error:
-        raise ImportError(f"Config.liger_kernels needs liger-kernel (pip install liger-kernel): {error}") from error
+    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
     family = model.config.model_type
     norms = language_norms(model)
     for norm in norms:

@@ -44,13 +44,13 @@ the compute stream; the results made before name that way `reentrant-offload`, a
 (fuse_lora_products, a prototype), `fused-lora-no-dropout` with LoRA dropout 0 as well. `masked-attention` gives
 the model the training batch's padding mask, as every step did before training batches were right-padded, and as a T4
 does (helpers.padding_mask_needed); `rope-on-gpu` computes the rotary positions on the GPU, as the model did before
-helpers.rope_positions. `liger` puts Liger's Triton kernels (Config.liger_kernels; liger-kernel, as TRL's
-`use_liger_kernel` does) on the language model: its RMSNorms and SwiGLU MLPs and, for Qwen3-VL, its rotary embedding;
-`liger-no-dropout` with LoRA dropout 0 as well. `conv-unbucketed` gives Qwen3.5's DeltaNet convolutions each batch's
-own length, as before helpers.bucket_short_convolutions. `t4-kernels` turns SDPA's flash kernel off before loading,
-as a T4 has none (its memory-efficient and math kernels left): the default then trains unmasked with the key/value
-heads repeated (helpers.unmasked_attention); `t4-kernels-masked` with the mask, a T4's way before. `--loader` feeds
-every way as `loader` does.
+helpers.rope_positions. The default puts Liger's Triton kernels (Config.liger_kernels; liger-kernel, as TRL's
+`use_liger_kernel` does) on the language model since 2026-11-30: its RMSNorms and SwiGLU MLPs and, for Qwen3-VL, its
+rotary embedding; `eager-norms` runs without them, as the default did before. `conv-unbucketed` gives Qwen3.5's DeltaNet
+convolutions each batch's own length, as before helpers.bucket_short_convolutions. `t4-kernels` turns SDPA's flash
+kernel off before loading, as a T4 has none (its memory-efficient and math kernels left): the default then trains
+unmasked with the key/value heads repeated (helpers.unmasked_attention); `t4-kernels-masked` with the mask, a T4's way
+before. `--loader` feeds every way as `loader` does.
 
 `--profile` runs one more optimizer step after the timed ones under torch.profiler, for every tool (the peers' in
 their trainer, from after it collated the step's rows): the GPU's busy time, the kernels and the ops with the most GPU
@@ -122,6 +122,7 @@ def versions() -> dict:
 # by the same transformers call (activation_checkpointing_enable) from here. "default" is the Config's defaults: with
 # non-reentrant checkpointing in every result made before reentrant became the default (each run's settings say);
 # the ways that measured against that set it explicitly, and `non-reentrant` is that old default.
+COMPILED_NORMS = {"compile_norms": True, "liger_kernels": False}
 PROJECT_WAYS = {
     "default": ("project", {}, ()),
     "non-reentrant": ("project, non-reentrant checkpointing", {"reentrant_checkpointing": False}, ()),
@@ -175,21 +176,23 @@ PROJECT_WAYS = {
     # same code), beside eager norms, the Config's default then (its "project" and other ways). Compiled was the default
     # from then until peers_qwen35_compiled (Qwen3.5-4B slower), Qwen3-VL's until rehearse-8b-compiled-x2 (the whole
     # notebook slower); off by default since.
-    "compiled-norms": ("project, RMSNorms and rotary embedding compiled", {"compile_norms": True}, ()),
-    "eager-norms": ("project, RMSNorms and rotary embedding eager", {"compile_norms": False}, ()),
+    # Liger's kernels the default since rehearse-8b-liger-300: the ways below that compile or keep the norms eager
+    # turn them off (the results before ran them without, the default then).
+    "compiled-norms": ("project, RMSNorms and rotary embedding compiled", {**COMPILED_NORMS}, ()),
+    "eager-norms": ("project, RMSNorms and rotary embedding eager", {"liger_kernels": False}, ()),
     "compiled-norms-no-dropout": (  # Unsloth's LoRA settings with the norms compiled: the profiled comparison
         "project, RMSNorms and rotary embedding compiled, LoRA dropout 0",
-        {"compile_norms": True, "lora_dropout": 0.0},
+        {**COMPILED_NORMS, "lora_dropout": 0.0},
         (),
     ),
     "offload-compiled-norms": (  # Unsloth's memory (its checkpointing ways) with the norms compiled
         "project, reentrant checkpointing offloaded, RMSNorms and rotary embedding compiled",
-        {"reentrant_checkpointing": True, "offload_activations": True, "compile_norms": True},
+        {"reentrant_checkpointing": True, "offload_activations": True, **COMPILED_NORMS},
         (),
     ),
     "offload-compiled-norms-fused-lora-no-dropout": (  # Unsloth's step but for compiling the matmuls with the rest
         "project, reentrant checkpointing offloaded, RMSNorms and rotary compiled, LoRA dropout 0, LoRA fused",
-        {"reentrant_checkpointing": True, "offload_activations": True, "lora_dropout": 0.0, "compile_norms": True},
+        {"reentrant_checkpointing": True, "offload_activations": True, "lora_dropout": 0.0, **COMPILED_NORMS},
         ("fused-lora",),
     ),
     "offload-fused-lora-no-dropout": (  # as far as the project goes towards Unsloth's step without compiling
@@ -208,15 +211,6 @@ PROJECT_WAYS = {
         "project, DeltaNet convolutions on each batch's own length (before)",
         {},
         ("conv-unbucketed",),
-    ),
-    # Liger's Triton kernels (Config.liger_kernels; liger-kernel, TRL's use_liger_kernel) on the language model: its
-    # RMSNorms, SwiGLU MLPs and, for Qwen3-VL, rotary embedding; compile_norms' fusion without torch.compile's cost a
-    # process. Bound by bench_peers' own copy of helpers.use_liger_kernels until that existed (the same modules).
-    "liger": ("project, Liger's RMSNorm and rotary or SwiGLU kernels", {"liger_kernels": True}, ()),
-    "liger-no-dropout": (
-        "project, Liger's RMSNorm and rotary or SwiGLU kernels, LoRA dropout 0",
-        {"liger_kernels": True, "lora_dropout": 0.0},
-        (),
     ),
     # A T4's kernels: SDPA's flash off (a T4 has none), its memory-efficient and math kernels left; the default then
     # runs the training batches unmasked with the key/value heads repeated (helpers.unmasked_attention)
@@ -331,8 +325,8 @@ def run_project(args, df, result: dict, save) -> None:
         result["settings"]["compiled_layers"] = compile_decoder_layers(model)
     if "fused-lora" in extras:
         result["settings"]["fused_lora_layers"] = fuse_lora_products(model)
-    if cfg.liger_kernels:
-        result["settings"]["liger_kernel"] = md.version("liger-kernel")
+    liger = cfg.liger_kernels and not helpers.why_no_liger_kernels(model)
+    result["settings"]["liger_kernel"] = md.version("liger-kernel") if liger else None
     buckets = hasattr(sys.modules[type(model.get_base_model()).__module__], "causal_conv1d_fn")
     if "conv-unbucketed" in extras and buckets:  # transformers' own convolution back
         helpers.replace_modeling_function(model.get_base_model(), "causal_conv1d_fn", lambda original: original)

@@ -188,9 +188,9 @@ def main() -> None:
     parser.add_argument(
         "--liger-kernels",
         choices=("on", "off"),
-        default="off",
-        help="Config.liger_kernels: on binds Liger's Triton kernels to the language model's RMSNorms, rotary embedding "
-        "and SwiGLU (off: the default)",
+        default="on",
+        help="Config.liger_kernels: on (the default since 2026-11-30) binds Liger's Triton kernels to the language "
+        "model's RMSNorms, rotary embedding and SwiGLU; off runs them eager (--compile-norms on needs it off)",
     )
     parser.add_argument(
         "--padding-mask",
@@ -246,7 +246,9 @@ def main() -> None:
     compile_norms = args.compile_norms == "on" and torch.cuda.is_available()
     name += " norms=compiled" if compile_norms else ""  # runs named without it ran them eager
     liger_kernels = args.liger_kernels == "on" and torch.cuda.is_available()
-    name += " norms=liger" if liger_kernels else ""
+    if compile_norms and liger_kernels:
+        raise SystemExit("--compile-norms on needs --liger-kernels off: both fuse the same norms")
+    name += " norms=liger" if liger_kernels else ""  # runs named without it before 2026-11-30 ran them eager
     # Runs named without "padding-mask=on" ran masked, left-padded, until f7377c9; padding_mask_needed's way since
     if args.padding_mask == "on":
         if parallel is not False:

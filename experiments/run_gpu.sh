@@ -142,20 +142,20 @@ rehearse rehearse-x2-default 290 --model qwen3.5-4b --level safe --precision fp1
 rehearse rehearse-x2-default 270 --model qwen3.5-4b --level safe --precision fp16 --parallel off
 # nvidia-h200-x2: Qwen3-VL-8B with two folds side by side, its norms compiled (two processes, each with its compile
 # workers' host memory) and eager, for the ratio (8 minutes; compiled was slower, and is off by default since)
-rehearse rehearse-8b-compiled-x2 270 --model 8b --level safe --precision fp16 --parallel on --compile-norms on
-rehearse rehearse-8b-compiled-x2 250 --model 8b --level safe --precision fp16 --parallel on --compile-norms off
+rehearse rehearse-8b-compiled-x2 270 --model 8b --level safe --precision fp16 --parallel on --compile-norms on --liger-kernels off
+rehearse rehearse-8b-compiled-x2 250 --model 8b --level safe --precision fp16 --parallel on --compile-norms off --liger-kernels off
 # The same with longer folds, where compiling could repay its 10-15 s a process (0.13 s a step shorter): 4 folds of
 # 60 steps, two a GPU: 120 steps a process. (1440 rows, 136 steps a process, did not fit twice in one device call: the
 # compiled run alone passed its 245 s.)
-rehearse rehearse-8b-compiled-long-x2 270 --model 8b --level safe --precision fp16 --parallel on --compile-norms on \
+rehearse rehearse-8b-compiled-long-x2 270 --model 8b --level safe --precision fp16 --parallel on --compile-norms on --liger-kernels off \
     --folds 4 --train-rows 1280 --test-rows 100
-rehearse rehearse-8b-compiled-long-x2 270 --model 8b --level safe --precision fp16 --parallel on --compile-norms off \
+rehearse rehearse-8b-compiled-long-x2 270 --model 8b --level safe --precision fp16 --parallel on --compile-norms off --liger-kernels off \
     --folds 4 --train-rows 1280 --test-rows 100
 # Not run yet: where compiling should repay, 300 steps a process (4 folds of 75 steps in turn on one GPU, 1600 rows),
 # compiled and eager side by side on the two GPUs of one nvidia-h200-x2 (about 5 minutes after the checkpoint builds),
 # into results/rehearsal_compiled_300_on.json and _off.json
 rehearse_both rehearse-8b-compiled-300 420 2 --compile-norms rehearsal_compiled_300 --model 8b --level safe \
-    --precision fp16 --parallel off --folds 4 --train-rows 1600 --test-rows 100
+    --precision fp16 --parallel off --folds 4 --train-rows 1600 --test-rows 100 --liger-kernels off
 # The same length with the training steps' padding mask given (the old call, on GPU 0) and not (the default, GPU 1)
 rehearse_both rehearse-8b-padding-mask-300 420 2 --padding-mask rehearsal_padding_mask_300 --model 8b --level safe \
     --precision fp16 --parallel off --folds 4 --train-rows 1600 --test-rows 100
@@ -194,7 +194,7 @@ if [[ " $selected " == *" rehearse-compiled "* ]]; then
     for norms in on off; do
         echo "== rehearse-compiled: norms compiled $norms ($((SECONDS - started)) s elapsed)"
         MPLBACKEND=Agg timeout -s INT -k 30 240 taskset -c 0-3 python3 experiments/rehearse.py "${args[@]}" \
-            --compile-norms $norms --out "$OUT/rehearsal_compiled.json" 2>&1 |
+            --compile-norms $norms --liger-kernels off --out "$OUT/rehearsal_compiled.json" 2>&1 |
             tee "$OUT/rehearse-compiled-$norms.log" | grep -v "it/s\]$" | grep "rehearsal \|Error\|out of memory"
         [[ ${PIPESTATUS[0]} -eq 0 ]] || failures+=("rehearse-compiled:$norms")
     done
@@ -427,16 +427,17 @@ for precision in bf16 fp16; do
         --unsloth-site /tmp/site-unsloth
 done
 # Liger's Triton kernels (liger-kernel 0.8.5, from .whl/) on the language model's norms, rotary embedding and
-# SwiGLU, beside the default and compile_norms: Qwen3-VL-8B in bf16 and fp16, Qwen3.5-4B (the default model) in fp16;
-# profiled, about 5 minutes each (.whl/ and .whl-peers/ carried)
+# SwiGLU (the default since; eager-norms without them, the default before), beside compile_norms: Qwen3-VL-8B in bf16
+# and fp16, Qwen3.5-4B (the default model) in fp16; profiled, about 5 minutes each (.whl/ and .whl-peers/ carried).
+# The committed results ran as "default,liger,compiled-norms" when the default ran its norms eager.
 for precision in bf16 fp16; do
     run "peers_liger_$precision" 360 experiments/bench_peers.py --model 8b --precisions $precision --tools project \
         --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --worker-timeout 120 --loader --profile \
-        --project-ways default,liger,compiled-norms
+        --project-ways default,eager-norms,compiled-norms
 done
 run peers_liger_qwen35 360 experiments/bench_peers.py --model qwen3.5-4b --precisions fp16 --tools project \
     --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --worker-timeout 120 --loader --profile \
-    --project-ways default,liger,compiled-norms
+    --project-ways default,eager-norms,compiled-norms
 # Qwen3.5's DeltaNet convolutions on bucketed lengths (the default since) and on each batch's own, profiled, fp16 and
 # bf16 (about 4 minutes each); the profile shows whether cuDNN's host time (aten::cudnn_convolution) went
 for precision in fp16 bf16; do
@@ -444,12 +445,14 @@ for precision in fp16 bf16; do
         --tools project --steps 14 --rows 256 --micro-batches 16 --score-rows 32 --worker-timeout 120 --loader \
         --profile --project-ways default,conv-unbucketed
 done
-# Liger's kernels beside Unsloth in one call, unprofiled: the default, with Liger's kernels, and with them and LoRA
-# dropout 0 (Unsloth's settings), then Unsloth; about 7-8 minutes each (all three wheel folders carried)
+# Liger's kernels beside Unsloth in one call, unprofiled: the default (with them), without them (the default before),
+# at Unsloth's memory (offloaded) and with its LoRA dropout 0, then Unsloth; about 7 minutes each (all three wheel
+# folders carried). peers_unsloth_liger_bf16.json ran as "default,liger,liger-no-dropout", the default eager then.
 for precision in bf16 fp16; do
     run "peers_unsloth_liger_$precision" 540 experiments/bench_peers.py --model 8b --precisions $precision \
         --tools project,unsloth --steps 14 --rows 256 --micro-batches 16 --score-rows 16 --generate-rows 1 \
-        --worker-timeout 220 --loader --project-ways default,liger,liger-no-dropout --unsloth-site /tmp/site-unsloth
+        --worker-timeout 220 --loader --project-ways default,eager-norms,reentrant-offload,offload-no-dropout \
+        --unsloth-site /tmp/site-unsloth
 done
 # A T4's attention on the H200 (SDPA's flash off): the training batches masked, as a T4 ran them, and unmasked with
 # the key/value heads repeated (the default there since), beside the default with flash; fp16, profiled, 4-5 minutes.

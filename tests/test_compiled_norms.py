@@ -81,7 +81,7 @@ def test_norms_are_compiled_only_when_asked_and_never_on_a_cpu(tiny_model_dirs, 
     where compiling would take longer than it saves, the model loads eager all the same."""
     asked = []
     monkeypatch.setattr(helpers, "compile_norms", lambda model, compiled=True: asked.append(compiled) or 0)
-    for setting in ({}, {"compile_norms": True}):
+    for setting in ({}, {"compile_norms": True, "liger_kernels": False}):
         helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path, **setting))
     assert helpers.Config().compile_norms is False
     assert asked == [False, False]
@@ -115,7 +115,9 @@ def test_compiled_norms_on_gpus(gpus, tiny_model_dirs, tmp_path, sample_data, mo
     rows = sample_data[0].head(4)
     grads, scores = [], []
     for compiled in (False, True):
-        cfg = cfg_for("qwen3_vl", tiny_model_dirs, tmp_path, compile_norms=compiled, precision="fp16")
+        cfg = cfg_for(
+            "qwen3_vl", tiny_model_dirs, tmp_path, compile_norms=compiled, liger_kernels=False, precision="fp16"
+        )
         peft_model, processor = trainable_lora_model(cfg)
         assert all(compiled_modules(peft_model.get_base_model().model.language_model).values()) == compiled
         autocast = helpers.autocast_context(torch.device("cuda"), torch.float16)
