@@ -1925,6 +1925,10 @@ def use_liger_kernels(model) -> str:
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
 
+    # At its first rotary call liger-kernel looks for its kernels for other hardware (CuTe DSL, Ascend NPUs) and logs
+    # a warning for each that is not there; its Triton kernels, the ones used here, are. Should no kernel serve a call,
+    # liger-kernel raises.
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     family = model.config.model_type
     norms = language_norms(model)
     for norm in norms:

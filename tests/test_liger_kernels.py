@@ -6,6 +6,7 @@ run on a GPU only (Triton's CPU interpreter fails on Liger's RMSNorm), so on the
 and the last tests, on GPUs, that training and scoring give the same gradient and scores as without, and that a model
 split over two GPUs stays eager."""
 
+import logging
 import sys
 
 import numpy as np
@@ -64,6 +65,19 @@ def test_liger_kernels_are_bound_to_the_language_model_only(arch, tiny_model_dir
 
     helpers.load_model_and_processor(cfg_for(arch, tiny_model_dirs, tmp_path))  # the next model, without them
     assert modeling.apply_rotary_pos_emb is eager_rotary
+
+
+def test_liger_kernels_do_not_warn_of_the_kernels_for_other_hardware(tiny_model_dirs, tmp_path, caplog):
+    """Binding them silences liger-kernel's warnings that its CuTe DSL and Ascend kernels are absent, which a Kaggle
+    user would otherwise read in the model-load cell at the first step."""
+    from liger_kernel.backends.registry import list_registered
+
+    model, _ = helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path, liger_kernels=False))
+    helpers.use_liger_kernels(model)
+    with caplog.at_level(logging.WARNING):
+        assert any(impl.impl_name == "nvidia-triton" for impl in list_registered("rope"))  # looks for the others
+    assert not [record for record in caplog.records if record.name.startswith("liger_kernel")]
+    assert not logging.getLogger("liger_kernel.backends.registry").isEnabledFor(logging.WARNING)
 
 
 @on_the_cpu
