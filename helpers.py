@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import copy
 import dataclasses
 import functools
 import gc
@@ -446,7 +447,8 @@ class Config:
     # whole notebook took longer at 120 steps a GPU (240 s against 226) and broke even at 300 (395 s against 399)
     liger_kernels: bool = True  # on a GPU: Liger's Triton kernels (liger-kernel) for the language model's RMSNorms,
     # rotary embedding and SwiGLU: the whole notebook 1.10x on Qwen3-VL-8B (0.5 GiB less), 1.01x on Qwen3.5-4B, the
-    # same losses; eager where they cannot serve (helpers.why_no_liger_kernels: a CPU, a model spread over GPUs)
+    # same losses; eager where they cannot serve (helpers.why_no_liger_kernels: a CPU, a model spread over GPUs, a
+    # GPU where they fail their check against transformers' modules at load)
 
     # Folds
     n_folds: int | None = None  # more folds: more training data per fold and ensemble members, more time
@@ -1898,6 +1900,12 @@ def compile_norms(model, compiled: bool = True) -> int:
 # micro-batch 16, one H200) they took 27% of the GPU's work and 0.5 GiB out of a step, more than compiling (19%, 0.2
 # GiB); over the whole notebook (4 folds of 75 steps) 1.10x, with the same step losses (experiments/README, "Liger's
 # kernels over the whole notebook"). Config.liger_kernels, on by default.
+# At its first rotary call liger-kernel looks for its kernels for other hardware (CuTe DSL, Ascend NPUs) and logs a
+# warning for each that is not there; its Triton kernels, the ones used here, are. Should no kernel serve a call,
+# liger-kernel raises.
+logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
+
+
 def why_no_liger_kernels(model) -> str | None:
     """Why Liger's kernels cannot serve this model, or None where they can."""
     if importlib.util.find_spec("liger_kernel") is None:
@@ -1912,39 +1920,104 @@ def why_no_liger_kernels(model) -> str | None:
         return "not on a GPU"
     if device.index != torch.cuda.current_device():
         return f"the model is on cuda:{device.index}, not the current GPU (torch.cuda.set_device({device.index}) first)"
+    if not liger_kernels_work(model):
+        return "they failed their check on this GPU"
     return None
+
+
+def liger_kernels_work(model) -> bool:
+    """Whether Liger's kernels build and compute right here, before they are bound: Triton supports GPUs of Compute
+    Capability 8.0 and later (a T4 is 7.5), and builds a kernel at its first call. A copy of one of the model's
+    RMSNorms and SwiGLU MLPs, and its rotary embedding, run forward and backward on two rows of its widths with Liger's
+    kernels and must agree with transformers' within 1%. Where they do not, the reason is printed."""
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    modeling = sys.modules[type(model).__module__]
+    norm = language_norms(model)[0]
+    randn = functools.partial(torch.randn, dtype=norm.weight.dtype, device=norm.weight.device)
+    try:
+        copied = bind_liger_norm(copy.deepcopy(norm), model.config.model_type)
+        checks = [("RMSNorm", norm, copied, [randn(2, norm.weight.numel())])]
+        for mlp in swiglu_mlps(model)[:1]:
+            copied = bind_liger_swiglu(copy.deepcopy(mlp))
+            checks.append(("SwiGLU MLP", mlp, copied, [randn(2, mlp.gate_proj.in_features)]))
+        if liger_rotary(model):
+            text = model.config.get_text_config()
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            angles = randn(1, 2, head_dim // 2).repeat(1, 1, 2)  # both halves of a head turn by the same angles
+            rotary_inputs = [randn(1, 2, 2, head_dim), randn(1, 2, 2, head_dim), angles.cos(), angles.sin()]
+            eager = TRANSFORMERS_FUNCTIONS.get(
+                (modeling.__name__, "apply_rotary_pos_emb"), modeling.apply_rotary_pos_emb
+            )
+            checks.append(("rotary embedding", eager, liger_rotary_pos_emb, rotary_inputs))
+        for name, eager, liger, inputs in checks:
+            got, expected = outputs_and_input_grads(liger, inputs), outputs_and_input_grads(eager, inputs)
+            error = max(((g - e).norm() / e.norm()).item() for g, e in zip(got, expected, strict=True))
+            if not error < 0.01:  # a NaN fails too
+                print(f"liger_kernels: Liger's {name} differs from transformers' here by {error:.1%}")
+                return False
+    except Exception as error:  # Triton raises a different class for each thing it cannot build
+        print(f"liger_kernels: Liger's kernels do not run here ({type(error).__name__}: {str(error)[:200]})")
+        return False
+    return True
+
+
+def outputs_and_input_grads(function, inputs: list) -> list:
+    """`function`'s outputs and the gradients of the first two of its inputs (those that a layer gives it; cos and sin
+    are constants), for the sum of its outputs, in fp32. The inputs are passed as copies: Liger's kernels may write
+    into them."""
+    leaves = [t.detach().clone().requires_grad_(i < 2) for i, t in enumerate(inputs)]
+    outputs = function(*[t.clone() for t in leaves])
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+    return [o.detach().float() for o in outputs] + [t.grad.float() for t in leaves if t.requires_grad]
+
+
+def bind_liger_norm(norm, family: str):
+    """Liger's RMSNorm kernel in `norm`, with the family's arithmetic; returns `norm`."""
+    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module
+
+    if family.startswith("qwen3_5"):  # scaled by 1 + weight, computed in fp32: Liger's "gemma" casting
+        _patch_rms_norm_module(norm, offset=1.0, casting_mode="gemma", in_place=False)
+    else:
+        _patch_rms_norm_module(norm, casting_mode="llama")
+    return norm
+
+
+def bind_liger_swiglu(mlp):
+    """Liger's SwiGLU kernel in `mlp` (its gate and up projections as they are); returns `mlp`."""
+    from liger_kernel.transformers.monkey_patch import _patch_swiglu_module
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    _patch_swiglu_module(mlp, LigerSwiGLUMLP)
+    return mlp
+
+
+def swiglu_mlps(model) -> list:
+    """The language model's dense MLPs with a SwiGLU (MoE experts are fused tensors, not these)."""
+    silu = model.config.get_text_config().hidden_act in ("silu", "swish")
+    return [m for m in language_modules(model) if silu and hasattr(m, "gate_proj") and hasattr(m, "up_proj")]
+
+
+def liger_rotary(model) -> bool:
+    """Whether the family applies the plain rotary embedding that Liger's kernel computes (Qwen3-VL; Qwen3.5's partial
+    and Qwen2.5-VL's multimodal ones are transformers' own)."""
+    return model.config.model_type in ("qwen3_vl", "qwen3_vl_moe")
 
 
 def use_liger_kernels(model) -> str:
     """Liger's kernels bound to the language model (not the vision encoder), module by module as liger-kernel's own
     apply_liger_kernel_to_<family> binds them: every RMSNorm (Qwen3.5's scaled by 1 + weight, in fp32), the rotary
-    embedding where the family applies the plain one (Qwen3-VL; Qwen3.5's partial and Qwen2.5-VL's multimodal ones stay
-    transformers'), and the SwiGLU of the dense MLPs. Not through those functions: liger-kernel 0.8.5's import output
-    classes that transformers 5.24 renamed. Says what it bound."""
-    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+    embedding where the family applies the plain one, and the SwiGLU of the dense MLPs. Not through those functions:
+    liger-kernel 0.8.5's import output classes that transformers 5.24 renamed. Says what it bound."""
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
-    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
 
-    # At its first rotary call liger-kernel looks for its kernels for other hardware (CuTe DSL, Ascend NPUs) and logs
-    # a warning for each that is not there; its Triton kernels, the ones used here, are. Should no kernel serve a call,
-    # liger-kernel raises.
-    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
-    family = model.config.model_type
-    norms = language_norms(model)
-    for norm in norms:
-        if family.startswith("qwen3_5"):
-            _patch_rms_norm_module(norm, offset=1.0, casting_mode="gemma", in_place=False)
-        else:
-            _patch_rms_norm_module(norm, casting_mode="llama")
-    silu = model.config.get_text_config().hidden_act in ("silu", "swish")
-    mlps = [m for m in language_modules(model) if silu and hasattr(m, "gate_proj") and hasattr(m, "up_proj")]
-    for mlp in mlps:
-        _patch_swiglu_module(mlp, LigerSwiGLUMLP)
-    rotary = family in ("qwen3_vl", "qwen3_vl_moe")
-    if rotary:  # a later load puts transformers' own back (compile_norms)
+    norms = [bind_liger_norm(norm, model.config.model_type) for norm in language_norms(model)]
+    mlps = [bind_liger_swiglu(mlp) for mlp in swiglu_mlps(model)]
+    if liger_rotary(model):  # a later load puts transformers' own back (compile_norms)
         replace_modeling_function(model, "apply_rotary_pos_emb", lambda eager: liger_rotary_pos_emb)
     return f"Liger's kernels: {len(norms)} RMSNorms, {len(mlps)} SwiGLU MLPs" + (
-        ", the rotary embedding" if rotary else ""
+        ", the rotary embedding" if liger_rotary(model) else ""
     )
 
 

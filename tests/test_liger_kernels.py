@@ -106,6 +106,49 @@ def test_liger_kernels_serve_an_installed_liger_kernel_and_a_model_on_one_gpu_on
     assert helpers.why_no_liger_kernels(spread) == "liger-kernel is not installed (pip install liger-kernel)"
 
 
+class EagerRMSNormFunction:
+    """Liger's RMSNorm arithmetic in PyTorch, so that the check can run on the CPU."""
+
+    @staticmethod
+    def apply(x, weight, eps, offset, casting_mode, in_place, row_mode):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        return (normed * (offset + weight.float())).to(x.dtype)
+
+
+def silu_mul_off_by(factor):
+    class SiLUMulFunction:
+        @staticmethod
+        def apply(a, b, *multipliers):
+            return torch.nn.functional.silu(a) * b * factor
+
+    return SiLUMulFunction
+
+
+@on_the_cpu
+def test_liger_kernels_are_checked_against_transformers_before_they_are_bound(
+    tiny_model_dirs, tmp_path, monkeypatch, capsys
+):
+    """liger_kernels_work runs a copy of a norm, an MLP and the rotary embedding with Liger's kernels and without. On
+    the CPU the Triton kernels cannot run, which it reports; with PyTorch stand-ins for them it compares, and a stand-in
+    1.5% off or NaN fails, naming the kernel."""
+    model, _ = helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path, liger_kernels=False))
+    assert helpers.liger_kernels_work(model) is False
+    assert "liger_kernels: Liger's kernels do not run here (" in capsys.readouterr().out
+
+    modeling = sys.modules[type(model).__module__]
+    monkeypatch.setattr(liger_rms_norm, "LigerRMSNormFunction", EagerRMSNormFunction)
+    monkeypatch.setattr(liger_rope, "liger_rotary_pos_emb", modeling.apply_rotary_pos_emb)
+    monkeypatch.setattr(liger_swiglu, "LigerSiLUMulFunction", silu_mul_off_by(1.0))
+    assert helpers.liger_kernels_work(model) is True
+    for factor in (1.015, float("nan")):
+        monkeypatch.setattr(liger_swiglu, "LigerSiLUMulFunction", silu_mul_off_by(factor))
+        assert helpers.liger_kernels_work(model) is False
+        said = capsys.readouterr().out
+        assert "liger_kernels: Liger's SwiGLU MLP differs from transformers' here by" in said
+        assert ("1.5%" if factor == 1.015 else "nan%") in said
+    assert not any(bound_to(m, liger_rms_norm.LigerRMSNorm) for m in model.modules())  # the checks ran on copies
+
+
 def test_without_liger_kernel_installed_the_model_loads_eager_and_says_how_to_install_it(
     tiny_model_dirs, tmp_path, monkeypatch, capsys
 ):
