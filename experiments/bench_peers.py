@@ -325,7 +325,7 @@ def run_project(args, df, result: dict, save) -> None:
         result["settings"]["compiled_layers"] = compile_decoder_layers(model)
     if "fused-lora" in extras:
         result["settings"]["fused_lora_layers"] = fuse_lora_products(model)
-    liger = cfg.liger_kernels and not helpers.why_no_liger_kernels(model)
+    liger = helpers.language_norms(model.get_base_model())[0]._get_name() == "LigerRMSNorm"  # bound by the loader
     result["settings"]["liger_kernel"] = md.version("liger-kernel") if liger else None
     buckets = hasattr(sys.modules[type(model.get_base_model()).__module__], "causal_conv1d_fn")
     if "conv-unbucketed" in extras and buckets:  # transformers' own convolution back
