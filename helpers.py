@@ -1900,6 +1900,7 @@ def compile_norms(model, compiled: bool = True) -> int:
 # micro-batch 16, one H200) they took 27% of the GPU's work and 0.5 GiB out of a step, more than compiling (19%, 0.2
 # GiB); over the whole notebook (4 folds of 75 steps) 1.10x, with the same step losses (experiments/README, "Liger's
 # kernels over the whole notebook"). Config.liger_kernels, on by default.
+#
 # At its first rotary call liger-kernel looks for its kernels for other hardware (CuTe DSL, Ascend NPUs) and logs a
 # warning for each that is not there; its Triton kernels, the ones used here, are. Should no kernel serve a call,
 # liger-kernel raises.
@@ -1934,7 +1935,8 @@ def liger_kernels_work(model) -> bool:
 
     modeling = sys.modules[type(model).__module__]
     norm = language_norms(model)[0]
-    randn = functools.partial(torch.randn, dtype=norm.weight.dtype, device=norm.weight.device)
+    dtype = model.get_input_embeddings().weight.dtype  # the residual stream's, which the norms and MLPs take in
+    randn = functools.partial(torch.randn, dtype=dtype, device=norm.weight.device)
     try:
         copied = bind_liger_norm(copy.deepcopy(norm), model.config.model_type)
         checks = [("RMSNorm", norm, copied, [randn(2, norm.weight.numel())])]
