@@ -84,6 +84,9 @@ HOSTED_PACKAGES = (
     "qwen-vl-utils>=0.0.14,<0.1",
     "liger-kernel>=0.8.5,<0.9",
 )
+# Those that only make the notebook faster: with Internet off and no wheel of theirs attached (a wheels folder built
+# before they were added), it runs without them rather than stopping.
+OPTIONAL_PACKAGES = ("liger-kernel",)
 
 
 def on_hosted_notebook() -> bool:
@@ -137,10 +140,21 @@ def install_packages(
     outdated = outdated_packages(requirements)
     if not outdated:
         return "packages: " + ", ".join(requirements) + " already met"
+    left_out = ""
     if index_reachable():
         source, where = [], "the package index"
     else:
         wheels = find_wheels_dir(wheel_roots)
+        missing = [
+            line
+            for line in outdated
+            if requirement_name(line) in OPTIONAL_PACKAGES and (wheels is None or not has_wheel(wheels, line))
+        ]
+        if missing:
+            outdated = [line for line in outdated if line not in missing]
+            left_out = f"; without {', '.join(missing)} (no internet, no wheel attached): it only speeds things up"
+        if not outdated:
+            return "packages: nothing to install" + left_out
         if wheels is None:
             raise RuntimeError(
                 f"no internet, and these need installing: {', '.join(outdated)}. Turn Internet on (Settings), or "
@@ -148,7 +162,23 @@ def install_packages(
             )
         source, where = ["--no-index", "--find-links", str(wheels)], f"{wheels} (no internet)"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *source, *outdated], check=True)
-    return f"installed {', '.join(outdated)} from {where}"
+    importlib.invalidate_caches()  # so that this process finds the packages just installed
+    return f"installed {', '.join(outdated)} from {where}" + left_out
+
+
+def requirement_name(line: str) -> str:
+    """The canonical name of the package a requirement line names ("liger-kernel>=0.8.5" -> "liger-kernel")."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(Requirement(line).name)
+
+
+def has_wheel(folder: Path, requirement: str) -> bool:
+    """Whether `folder` holds a wheel of the package that `requirement` names."""
+    from packaging.utils import parse_wheel_filename
+
+    return any(parse_wheel_filename(p.name)[0] == requirement_name(requirement) for p in folder.glob("*.whl"))
 
 
 # -- Progress that reads well saved ------------------------------------------------------------------------------------

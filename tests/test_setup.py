@@ -7,6 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from packaging.requirements import Requirement
 
@@ -88,14 +89,31 @@ def test_offline_install_from_an_attached_wheels_folder(tmp_path):
 
     script = (
         "import helpers, importlib.metadata as md\n"
-        f"print(helpers.install_packages(('transformers>=5.21,<6',), wheel_roots=({str(tmp_path / 'input')!r},)))\n"
+        "helpers.OPTIONAL_PACKAGES = ('no-such-speedup',)  # its wheel absent, as liger-kernel's from an old folder\n"
+        "requirements = ('transformers>=5.21,<6', 'no-such-speedup>=1')\n"
+        f"print(helpers.install_packages(requirements, wheel_roots=({str(tmp_path / 'input')!r},)))\n"
         "print(md.version('transformers'))\n"
     )
     run = subprocess.run([python, "-c", script], env=offline, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     said, version = run.stdout.strip().splitlines()[-2:]
-    assert said == f"installed transformers>=5.21,<6 from {attached} (no internet)"
+    assert said == (
+        f"installed transformers>=5.21,<6 from {attached} (no internet); without no-such-speedup>=1 (no internet, "
+        "no wheel attached): it only speeds things up"
+    )
     assert version == "5.24.0"
+
+
+def test_offline_without_wheels_only_the_packages_that_speed_things_up_may_be_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(helpers, "index_reachable", lambda: False)
+    monkeypatch.setattr(helpers, "OPTIONAL_PACKAGES", ("no-such-speedup",))
+    said = helpers.install_packages(("pytest>=1", "no-such-speedup>=1"), wheel_roots=(str(tmp_path),))
+    assert said == (
+        "packages: nothing to install; without no-such-speedup>=1 (no internet, no wheel attached): it only speeds "
+        "things up"
+    )
+    with pytest.raises(RuntimeError, match=r"no internet, and these need installing: no-such-package>=1\. Turn"):
+        helpers.install_packages(("no-such-package>=1", "no-such-speedup>=1"), wheel_roots=(str(tmp_path),))
 
 
 def test_bars_write_rare_plain_lines_when_nobody_watches(monkeypatch, capsys):
