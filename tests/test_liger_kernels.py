@@ -1,10 +1,11 @@
 """helpers.use_liger_kernels (Config.liger_kernels, on by default on a GPU): Liger's Triton kernels bound to the
 language model's RMSNorms, rotary embedding and SwiGLU MLPs, with each family's own norm arithmetic, never to the
 vision encoder; a model loaded later without them gets transformers' rotary embedding back; where they cannot serve
-(a CPU, a model spread over GPUs, liger-kernel missing) the model loads eager and the loader says why. Triton kernels
-run on a GPU only (Triton's CPU interpreter fails on Liger's RMSNorm), so on the CPU the tests check what is bound,
-and the last tests, on GPUs, that training and scoring give the same gradient and scores as without, and that a model
-split over two GPUs stays eager."""
+(a CPU, a model spread over GPUs, liger-kernel missing, a GPU where they fail their check against transformers'
+modules) the model loads eager and the loader says why. Triton kernels run on a GPU only (Triton's CPU interpreter
+fails on Liger's RMSNorm), so on the CPU the tests check what is bound and the check's comparison (with PyTorch
+stand-ins), and the last tests, on GPUs, that training and scoring give the same gradient and scores as without, and
+that a model split over two GPUs stays eager."""
 
 import logging
 import sys
@@ -68,8 +69,9 @@ def test_liger_kernels_are_bound_to_the_language_model_only(arch, tiny_model_dir
 
 
 def test_liger_kernels_do_not_warn_of_the_kernels_for_other_hardware(tiny_model_dirs, tmp_path, caplog):
-    """Binding them silences liger-kernel's warnings that its CuTe DSL and Ascend kernels are absent, which a Kaggle
-    user would otherwise read in the model-load cell at the first step."""
+    """liger-kernel's warnings that its CuTe DSL and Ascend kernels are absent, logged when its rotary kernel is first
+    looked up, are silenced (helpers does it on import): a Kaggle user would otherwise read them in the model-load
+    cell."""
     from liger_kernel.backends.registry import list_registered
 
     model, _ = helpers.load_model_and_processor(cfg_for("qwen3_vl", tiny_model_dirs, tmp_path, liger_kernels=False))
