@@ -178,7 +178,8 @@ def has_wheel(folder: Path, requirement: str) -> bool:
     """Whether `folder` holds a wheel of the package that `requirement` names."""
     from packaging.utils import parse_wheel_filename
 
-    return any(parse_wheel_filename(p.name)[0] == requirement_name(requirement) for p in folder.glob("*.whl"))
+    name = requirement_name(requirement)
+    return any(parse_wheel_filename(p.name)[0] == name for p in folder.glob("*.whl"))
 
 
 # -- Progress that reads well saved ------------------------------------------------------------------------------------
@@ -1512,6 +1513,13 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def weight_devices(model) -> set[torch.device]:
+    """The devices the model's weights are on. Read from the weights, not model.hf_device_map: transformers sets that
+    only for a model spread over devices, so a model on one GPU has none (folds trained in turn, silently, until
+    2026-11-29, when use_parallel_folds read it)."""
+    return {p.device for p in model.parameters()}
+
+
 def load_model_and_processor(cfg: Config):
     """The base model (4-bit NF4 on CUDA, fp32 on CPU) with gradient checkpointing, and its processor.
 
@@ -1943,7 +1951,7 @@ def why_no_liger_kernels(model) -> str | None:
         return "liger-kernel is not installed (pip install liger-kernel)"
     # Triton launches on the current GPU, and liger-kernel 0.8.5's rotary kernel does not switch to its input's
     # (Liger-Kernel#1303): a layer on another GPU would fail or compute wrong. Not measured across GPUs either.
-    devices = {p.device for p in model.parameters()}
+    devices = weight_devices(model)
     if len(devices) > 1:
         return f"the model is spread over {len(devices)} devices"
     (device,) = devices
@@ -2046,10 +2054,11 @@ def use_liger_kernels(model) -> str:
 
     norms = [bind_liger_norm(norm, model.config.model_type) for norm in language_norms(model)]
     mlps = [bind_liger_swiglu(mlp) for mlp in swiglu_mlps(model)]
-    if liger_rotary(model):  # a later load puts transformers' own back (compile_norms)
+    rotary = liger_rotary(model)
+    if rotary:  # a later load puts transformers' own back (compile_norms)
         replace_modeling_function(model, "apply_rotary_pos_emb", lambda eager: liger_rotary_pos_emb)
     return f"Liger's kernels: {len(norms)} RMSNorms, {len(mlps)} SwiGLU MLPs" + (
-        ", the rotary embedding" if liger_rotary(model) else ""
+        ", the rotary embedding" if rotary else ""
     )
 
 
@@ -3230,9 +3239,7 @@ def use_parallel_folds(cfg: Config, model) -> bool:
     device plan put on one GPU (so every GPU can hold a copy)."""
     if cfg.parallel_folds is not None:
         return cfg.parallel_folds
-    # Where the weights are, not model.hf_device_map: transformers sets that only for a model spread over devices, so
-    # a model on one GPU, the case that matters here, has none (folds trained in turn, silently, until 2026-11-29).
-    devices = {p.device for p in model.parameters()}
+    devices = weight_devices(model)
     on_one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
     return torch.cuda.device_count() >= 2 and len(cfg.folds_to_train) >= 2 and on_one_gpu
 
