@@ -24,14 +24,20 @@ def compiled_modules(model) -> dict[str, bool]:
     return {name: norm._compiled_call_impl is not None for name, norm in norms.items()}
 
 
+@pytest.fixture
+def recompile_limit_fails():
+    """Dynamo fails where it would run a graph past its recompile limit eager. Set with torch's own config.patch: pytest
+    9.2's monkeypatch deletes a torch config entry on undo, and the next test found it missing."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
 @on_the_cpu
+@pytest.mark.usefixtures("recompile_limit_fails")
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])  # Qwen2.5-VL's vision encoder has RMSNorms
-def test_compiled_norms_keep_the_loss_the_gradient_and_the_scores(
-    arch, tiny_model_dirs, tmp_path, sample_data, monkeypatch
-):
+def test_compiled_norms_keep_the_loss_the_gradient_and_the_scores(arch, tiny_model_dirs, tmp_path, sample_data):
     """Training at micro-batches 2 and 1 (as out-of-memory halving goes) and scoring 4 rows and 1: every graph the norms
     need stays compiled (dynamo would otherwise run the ones past its limit eager, with a warning)."""
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     cfg = cfg_for(arch, tiny_model_dirs, tmp_path)
     rows = sample_data[0].head(4)
     losses, grads, scores = [], [], []
