@@ -469,8 +469,8 @@ class Config:
     quantize_vision: bool = True  # the vision encoder in 4 bits too; False keeps it in 16 bits, as Unsloth does
     # (4-bit vision broke Qwen2-VL-2B in Unsloth's tests): 0.5-0.8 GiB more weights (experiments/README, plan)
     offload_activations: bool = False  # keep each checkpointed layer's input in CPU memory until the backward, as
-    # Unsloth does: 1.7 GiB less for Qwen3-VL-8B at micro-batch 16 at 0.96-0.99x the speed, less than Unsloth's memory
-    # at 0.92-1.20x its speed in five calls (experiments/README, peers and rehearsal_checkpointing)
+    # Unsloth does: 1.7 GiB less for Qwen3-VL-8B at micro-batch 16 at 0.96-0.99x the speed; with Liger's kernels, less
+    # than Unsloth's memory at 1.05-1.26x its samples/s in three calls (experiments/README, Liger beside Unsloth)
     reentrant_checkpointing: bool = True  # torch's reentrant checkpointing, as Unsloth runs it: the same gradients,
     # 1.06-1.11x the training speed of the non-reentrant variant (False) on Qwen3-VL-8B and Qwen3.5-4B, whole runs too
     compile_norms: bool = False  # True, on a GPU: fuse each RMSNorm and rotary embedding of the language model into

@@ -446,8 +446,9 @@ for precision in fp16 bf16; do
         --profile --project-ways default,conv-unbucketed
 done
 # Liger's kernels beside Unsloth in one call, unprofiled: the default (with them), without them (the default before),
-# at Unsloth's memory (offloaded) and with its LoRA dropout 0, then Unsloth; about 7 minutes each (all three wheel
-# folders carried). peers_unsloth_liger_bf16.json ran as "default,liger,liger-no-dropout", the default eager then.
+# at Unsloth's memory (offloaded) and with its LoRA dropout 0, then Unsloth; 5.5-6 minutes each (all three wheel
+# folders carried). peers_unsloth_liger_bf16_first.json ran as "default,liger,liger-no-dropout", the default eager
+# then; peers_unsloth_liger_bf16_repeat.json is the bf16 call run a second time.
 for precision in bf16 fp16; do
     run "peers_unsloth_liger_$precision" 540 experiments/bench_peers.py --model 8b --precisions $precision \
         --tools project,unsloth --steps 14 --rows 256 --micro-batches 16 --score-rows 16 --generate-rows 1 \
